@@ -1,0 +1,106 @@
+"""AdapterConfig: what to adapt and how, validated up front, serialisable to JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+METHODS = ("oft", "boft", "ether", "ether_plus")
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+# Per-method structure defaults (used when neither block_size nor num_blocks is given).
+DEFAULT_STRUCTURE: dict[str, dict[str, int]] = {
+    "oft": {"block_size": 32},
+    "boft": {"block_size": 8, "n_butterfly_factors": 2},
+    "ether": {"num_blocks": 4},
+    "ether_plus": {"num_blocks": 4},
+}
+
+
+@dataclass
+class AdapterConfig:
+    """Configuration of one orthogonal adapter.
+
+    Structure: give ``block_size`` (b, the same for every layer) or ``num_blocks`` (n, the
+    block size is then dim / n per layer), not both; when neither is given the method's
+    default is used (oft: b=32; boft: b=8, m=2; ether/ether_plus: n=4).
+    """
+
+    method: str = "oft"
+    block_size: int | None = None
+    num_blocks: int | None = None
+    n_butterfly_factors: int = 1  # BOFT's m; OFT is m = 1
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+    attention: str = "all"  # "self" | "cross" | "all": which attention modules' projections
+    extra_target_modules: tuple[str, ...] = ()  # e.g. ("ff.net.0.proj", "ff.net.2"), any attention
+    side: str = "input"  # "input" (papers, PEFT): W' = W R^T;  "output" (kohya/LyCORIS): W' = R W
+    coft_eps: float | None = None  # COFT radius on each block's |S|_F (oft/boft); None = off
+    cayley_mode: str = "exact"  # "exact" | "neumann"
+    neumann_terms: int = 5
+    magnitude: bool = False  # learned per-output-neuron scale (BOFT's s), init 1
+    dropout: float = 0.0  # multiplicative block dropout (blocks replaced by I in training)
+    ether_plus_two_sided: bool = True  # ETHER+: H~ W H (both sides) or only on `side`
+    init: str = "default"  # "default" (paper init) | "identity" | "random" (tests, benchmarks)
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes kept in the file
+
+    def __post_init__(self) -> None:
+        self.target_modules = tuple(self.target_modules)
+        self.extra_target_modules = tuple(self.extra_target_modules)
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.block_size is not None and self.num_blocks is not None:
+            raise ValueError("give block_size or num_blocks, not both")
+        if self.block_size is None and self.num_blocks is None:
+            defaults = DEFAULT_STRUCTURE[self.method]
+            self.block_size = defaults.get("block_size")
+            self.num_blocks = defaults.get("num_blocks")
+            if self.method == "boft" and self.n_butterfly_factors == 1:
+                self.n_butterfly_factors = defaults["n_butterfly_factors"]
+        for name in ("block_size", "num_blocks"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.n_butterfly_factors < 1:
+            raise ValueError(f"n_butterfly_factors must be >= 1, got {self.n_butterfly_factors}")
+        if self.method != "boft" and self.n_butterfly_factors != 1:
+            raise ValueError(f"n_butterfly_factors applies to boft only (method={self.method!r})")
+        if self.attention not in ("self", "cross", "all"):
+            raise ValueError(f"attention must be 'self', 'cross' or 'all', got {self.attention!r}")
+        if self.side not in ("input", "output"):
+            raise ValueError(f"side must be 'input' or 'output', got {self.side!r}")
+        if self.cayley_mode not in ("exact", "neumann"):
+            raise ValueError(f"cayley_mode must be 'exact' or 'neumann', got {self.cayley_mode!r}")
+        if self.neumann_terms < 1:
+            raise ValueError(f"neumann_terms must be >= 1, got {self.neumann_terms}")
+        if self.coft_eps is not None and self.coft_eps <= 0:
+            raise ValueError(f"coft_eps must be > 0 (or None to disable COFT), got {self.coft_eps}")
+        if self.coft_eps is not None and self.method not in ("oft", "boft"):
+            raise ValueError("coft_eps applies to the Cayley methods (oft, boft) only")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.init not in ("default", "identity", "random"):
+            raise ValueError(f"init must be 'default', 'identity' or 'random', got {self.init!r}")
+        if not self.target_modules and not self.extra_target_modules:
+            raise ValueError("no target modules given")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["target_modules"] = list(self.target_modules)
+        data["extra_target_modules"] = list(self.extra_target_modules)
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AdapterConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown AdapterConfig fields {unknown}; this file may come from a newer version")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> AdapterConfig:
+        return cls.from_dict(json.loads(text))

@@ -1,0 +1,281 @@
+"""Adapter files: one .safetensors with only the adapter tensors and the config in its metadata.
+
+Keys:      ``<component>.<module path of the adapted projection>.<parameter>``, e.g.
+           ``unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.skew``.
+Metadata:  format = "diffusion-oft", format_version, adapter_config (JSON: {component: config}),
+           base_model (JSON: {component: {"class", "name_or_path", "num_layers"}}).
+Loading validates every key, shape and value against the target before changing anything.
+Pickle-based files are never opened.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from . import __version__
+from .config import AdapterConfig
+from .methods import get_method_class
+from .model import add_adapter, adapter_configs, find_targets, named_ortho_layers, validate_targets
+
+FORMAT_NAME = "diffusion-oft"
+FORMAT_VERSION = 1
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+# Pipeline attributes that may carry adapters, in the order they are searched.
+COMPONENT_NAMES = ("unet", "transformer", "controlnet", "text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+class AdapterFileError(ValueError):
+    """An adapter file that cannot be used (with a one-line reason)."""
+
+
+def is_pipeline(obj: Any) -> bool:
+    return hasattr(obj, "components") and not isinstance(obj, nn.Module)
+
+
+def default_component_name(model: nn.Module) -> str:
+    cls = type(model).__name__
+    if cls.startswith("UNet"):
+        return "unet"
+    if "ControlNet" in cls:
+        return "controlnet"
+    if "Transformer" in cls and "CLIP" not in cls and "T5" not in cls:
+        return "transformer"
+    if "TextModel" in cls or "Encoder" in cls:
+        return "text_encoder"
+    return cls.lower()
+
+
+def _adapted_components(target: Any, component: str | None) -> dict[str, nn.Module]:
+    if is_pipeline(target):
+        found = {}
+        for name, module in target.components.items():
+            if isinstance(module, nn.Module) and adapter_configs(module):
+                found[name] = module
+        return found
+    return {component or default_component_name(target): target}
+
+
+def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """safetensors save via a temporary file + rename: a crash never leaves a torn file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str = "default", prefix: str = "") -> dict[str, torch.Tensor]:
+    """{``prefix<layer path>.<param>``: float32 tensor} for one adapter of one model."""
+    state = {}
+    for path, layer in named_ortho_layers(model):
+        if adapter_name not in layer.ortho_adapters:
+            continue
+        for pname, param in layer.ortho_adapters[adapter_name].named_parameters():
+            state[f"{prefix}{path}.{pname}"] = param.detach().float().cpu().contiguous()
+    return state
+
+
+def save_adapter(
+    model_or_pipeline: Any,
+    path: str | os.PathLike,
+    adapter_name: str = "default",
+    component: str | None = None,
+    extra_metadata: dict[str, str] | None = None,
+) -> Path:
+    """Write the adapter ``adapter_name`` of a model or of every adapted pipeline component."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"adapter files are .safetensors; got {path.name!r}")
+    components = _adapted_components(model_or_pipeline, component)
+    tensors: dict[str, torch.Tensor] = {}
+    configs, base = {}, {}
+    for comp, module in components.items():
+        if adapter_name not in adapter_configs(module):
+            continue
+        config = adapter_configs(module)[adapter_name]
+        state = adapter_state_dict(module, adapter_name, prefix=f"{comp}.")
+        tensors.update(state)
+        configs[comp] = config.to_dict()
+        base[comp] = {
+            "class": type(module).__name__,
+            "name_or_path": str(getattr(getattr(module, "config", None), "_name_or_path", "") or ""),
+            "num_layers": len({k.rsplit(".", 1)[0] for k in state}),
+        }
+    if not tensors:
+        raise ValueError(f"nothing to save: no adapter named {adapter_name!r} in {type(model_or_pipeline).__name__}")
+    metadata = {
+        "format": FORMAT_NAME,
+        "format_version": str(FORMAT_VERSION),
+        "library_version": __version__,
+        "adapter_config": json.dumps(configs, sort_keys=True),
+        "base_model": json.dumps(base, sort_keys=True),
+        **(extra_metadata or {}),
+    }
+    atomic_save_file(tensors, path, metadata)
+    return path
+
+
+def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file, with one-line errors for unusable files."""
+    path = Path(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise AdapterFileError(
+            f"{path.name}: pickle-based files ({path.suffix}) are never loaded, since they can run code; "
+            "convert it to .safetensors with the tool that made it"
+        )
+    if not path.is_file():
+        raise AdapterFileError(f"{path}: no such adapter file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # safetensors raises several error types for broken files
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise AdapterFileError(f"{path.name}: not a readable safetensors file ({reason})") from None
+    return tensors, metadata
+
+
+def parse_metadata(metadata: dict[str, str], name: str) -> dict[str, AdapterConfig]:
+    if metadata.get("format") != FORMAT_NAME:
+        raise AdapterFileError(
+            f"{name}: not a diffusion-oft adapter (metadata format={metadata.get('format')!r}); "
+            "PEFT and kohya files are read by diffusion_oft.convert"
+        )
+    try:
+        version = int(metadata.get("format_version", ""))
+    except ValueError:
+        raise AdapterFileError(f"{name}: bad format_version {metadata.get('format_version')!r}") from None
+    if version > FORMAT_VERSION:
+        raise AdapterFileError(
+            f"{name}: format version {version} is newer than this diffusion-oft understands "
+            f"({FORMAT_VERSION}); upgrade diffusion-oft"
+        )
+    try:
+        raw = json.loads(metadata["adapter_config"])
+        return {comp: AdapterConfig.from_dict(cfg) for comp, cfg in raw.items()}
+    except KeyError:
+        raise AdapterFileError(f"{name}: metadata has no adapter_config") from None
+    except (ValueError, TypeError) as err:
+        raise AdapterFileError(f"{name}: bad adapter_config in metadata ({err})") from None
+
+
+def _resolve_component(target: Any, comp: str, n_components: int, component: str | None, name: str) -> nn.Module:
+    if is_pipeline(target):
+        module = getattr(target, comp, None)
+        if not isinstance(module, nn.Module):
+            raise AdapterFileError(f"{name}: adapter is for component {comp!r}, which this pipeline does not have")
+        return module
+    if n_components > 1 and component != comp:
+        raise AdapterFileError(
+            f"{name}: the file holds several components; pass component=... or load it into the pipeline"
+        )
+    return target
+
+
+def load_adapter(
+    pipeline_or_model: Any,
+    path: str | os.PathLike,
+    adapter_name: str = "default",
+    component: str | None = None,
+) -> Any:
+    """Load an adapter file into a pipeline (its unet / transformer / text encoders / controlnet)
+    or a model.  Everything is validated first; on any error the target is left unchanged."""
+    name = Path(path).name
+    tensors, metadata = read_adapter_file(path)
+    configs = parse_metadata(metadata, name)
+    if not configs:
+        raise AdapterFileError(f"{name}: adapter_config lists no component")
+    if component is not None and not is_pipeline(pipeline_or_model):
+        if component not in configs:
+            raise AdapterFileError(f"{name}: no component {component!r} in the file (it has {sorted(configs)})")
+        configs = {component: configs[component]}
+    plan = []
+    remaining = set(tensors)
+    for comp, config in configs.items():
+        module = _resolve_component(pipeline_or_model, comp, len(configs), component, name)
+        if adapter_name in adapter_configs(module):
+            raise AdapterFileError(
+                f"{name}: the {comp} already has an adapter named {adapter_name!r}; use another adapter_name"
+            )
+        targets = find_targets(module, config)
+        try:
+            validate_targets(module, config, targets)
+        except ValueError as err:
+            raise AdapterFileError(f"{name}: does not fit this {type(module).__name__}: {err}") from None
+        method_cls = get_method_class(config.method)
+        expected: dict[str, tuple[int, ...]] = {}
+        for t in targets:
+            for pname, shape in method_cls.parameter_shapes(t.in_features, t.out_features, config).items():
+                expected[f"{comp}.{t.path}.{pname}"] = tuple(shape)
+        file_keys = sorted(k for k in tensors if k.startswith(comp + "."))
+        for key in file_keys:
+            if key not in expected:
+                module_path = key[len(comp) + 1 :].rsplit(".", 1)[0]
+                raise AdapterFileError(
+                    f"{name}: unexpected tensor {key!r}: module {module_path!r} is not an adapted projection "
+                    f"of this {type(module).__name__} (a file for another base model?)"
+                )
+        for key, shape in expected.items():
+            if key not in tensors:
+                raise AdapterFileError(
+                    f"{name}: missing tensor {key!r} (module {key.rsplit('.', 1)[0]!r} expects {config.method} "
+                    f"parameters of shape {list(shape)}); the file was made for another base model or config"
+                )
+            tensor = tensors[key]
+            if tuple(tensor.shape) != shape:
+                raise AdapterFileError(
+                    f"{name}: tensor {key!r} has shape {list(tensor.shape)}, but module "
+                    f"{key.rsplit('.', 1)[0]!r} expects {list(shape)} (a file for another base model or config?)"
+                )
+            if not tensor.dtype.is_floating_point:
+                raise AdapterFileError(f"{name}: tensor {key!r} has dtype {tensor.dtype}; expected a float dtype")
+            if not bool(torch.isfinite(tensor).all()):
+                raise AdapterFileError(f"{name}: tensor {key!r} contains NaN or inf values")
+        remaining -= set(expected)
+        plan.append((comp, module, config, expected))
+    if remaining:
+        raise AdapterFileError(f"{name}: tensor {sorted(remaining)[0]!r} belongs to no component in the metadata")
+
+    # Validated: now change the target(s).
+    for comp, module, config, expected in plan:
+        add_adapter(module, config, adapter_name)
+        with torch.no_grad():
+            for path, layer in named_ortho_layers(module):
+                if adapter_name not in layer.ortho_adapters:
+                    continue
+                for pname, param in layer.ortho_adapters[adapter_name].named_parameters():
+                    param.copy_(tensors[f"{comp}.{path}.{pname}"])
+        module.requires_grad_(False)  # loaded for inference; call add_adapter to train a new one
+    return pipeline_or_model
+
+
+def adapter_info(path: str | os.PathLike) -> dict[str, Any]:
+    """What an adapter file holds: configs, base model hints, parameter counts."""
+    tensors, metadata = read_adapter_file(path)
+    configs = parse_metadata(metadata, Path(path).name)
+    base = json.loads(metadata.get("base_model", "{}") or "{}")
+    info = {"format_version": metadata.get("format_version"), "components": {}}
+    for comp, config in configs.items():
+        keys = [k for k in tensors if k.startswith(comp + ".")]
+        info["components"][comp] = {
+            "config": config.to_dict(),
+            "num_layers": len({k.rsplit(".", 1)[0] for k in keys}),
+            "num_parameters": int(sum(tensors[k].numel() for k in keys)),
+            "base_model": base.get(comp, {}),
+        }
+    return info

@@ -1,0 +1,148 @@
+"""The one engine: a method is parameters + how to build its structured transform(s).
+
+A method module lives inside an adapted projection (see ``diffusion_oft.layers``).  It answers:
+  * ``parameter_shapes``: the tensors it stores (for validation before touching a model),
+  * ``transforms(scale)``: its map(s) per side, as ``BlockTransform`` objects in float32,
+  * ``constrain_()``: an optional projection after each optimizer step (COFT).
+Everything else (targeting, merging, files, training) is method-agnostic.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..config import AdapterConfig
+from .transforms import BlockTransform
+
+METHOD_REGISTRY: dict[str, type[OrthoMethod]] = {}
+
+
+def register_method(cls: type[OrthoMethod]) -> type[OrthoMethod]:
+    METHOD_REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_method_class(name: str) -> type[OrthoMethod]:
+    try:
+        return METHOD_REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; known: {sorted(METHOD_REGISTRY)}") from None
+
+
+def _divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def block_structure(dim: int, config: AdapterConfig, multiple: int = 1, even: bool = False) -> tuple[int, int]:
+    """(num_blocks, block_size) for a dimension, or a ValueError that says which values work.
+
+    multiple: the number of blocks must be a multiple of this (BOFT: 2**(m-1)).
+    even: the block size must be even (BOFT with m > 1).
+    """
+
+    def ok(n: int, b: int) -> bool:
+        return n * b == dim and n % multiple == 0 and (not even or b % 2 == 0)
+
+    if config.block_size is not None:
+        b = config.block_size
+        n = dim // b if dim % b == 0 else 0
+        if n and ok(n, b):
+            return n, b
+        good = [b2 for b2 in _divisors(dim) if ok(dim // b2, b2) and b2 > 1]
+        raise ValueError(
+            f"block_size={b} does not fit dimension {dim}"
+            + (f" with n_butterfly_factors={config.n_butterfly_factors}" if multiple > 1 else "")
+            + f"; block sizes that work for {dim}: {good}"
+        )
+    n = config.num_blocks
+    b = dim // n if dim % n == 0 else 0
+    if b and ok(n, b):
+        return n, b
+    good = [n2 for n2 in _divisors(dim) if ok(n2, dim // n2)]
+    raise ValueError(
+        f"num_blocks={n} does not fit dimension {dim}"
+        + (f" with n_butterfly_factors={config.n_butterfly_factors}" if multiple > 1 else "")
+        + f"; block counts that work for {dim}: {good}"
+    )
+
+
+class OrthoMethod(nn.Module):
+    """Base class of the adapter methods; subclasses define parameters and transforms."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, in_features: int, out_features: int, config: AdapterConfig):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.config = config
+        # Optional learned per-output-neuron scale s: W' = diag(s) (R-transformed W).
+        self.magnitude = nn.Parameter(torch.ones(out_features)) if config.magnitude else None
+
+    # ---- static description (no module needed) -------------------------------------------------
+    @classmethod
+    def sides(cls, config: AdapterConfig) -> tuple[str, ...]:
+        """The sides ("input", "output") this method transforms."""
+        return (config.side,)
+
+    @classmethod
+    def side_dim(cls, side: str, in_features: int, out_features: int) -> int:
+        return in_features if side == "input" else out_features
+
+    @classmethod
+    def own_parameter_shapes(cls, in_features: int, out_features: int, config: AdapterConfig) -> dict:
+        raise NotImplementedError
+
+    @classmethod
+    def parameter_shapes(cls, in_features: int, out_features: int, config: AdapterConfig) -> dict:
+        """{parameter name: shape} of everything this method stores for one layer."""
+        shapes = dict(cls.own_parameter_shapes(in_features, out_features, config))
+        if config.magnitude:
+            shapes["magnitude"] = (out_features,)
+        return shapes
+
+    @classmethod
+    def num_parameters(cls, in_features: int, out_features: int, config: AdapterConfig) -> int:
+        total = 0
+        for shape in cls.parameter_shapes(in_features, out_features, config).values():
+            count = 1
+            for s in shape:
+                count *= s
+            total += count
+        return total
+
+    @classmethod
+    def check_dims(cls, in_features: int, out_features: int, config: AdapterConfig) -> str | None:
+        """Why this layer cannot carry the method, or None."""
+        try:
+            cls.own_parameter_shapes(in_features, out_features, config)
+        except ValueError as err:
+            return str(err)
+        return None
+
+    # ---- behaviour ---------------------------------------------------------------------------------
+    def transforms(self, scale: float = 1.0, dropout: bool = False) -> dict[str, BlockTransform]:
+        """{side: transform} in float32. ``scale`` moves along the method's path from I (0);
+        ``dropout`` applies the multiplicative block dropout (training forward passes only)."""
+        raise NotImplementedError
+
+    def reset_parameters(self) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def constrain_(self) -> None:
+        """Projection applied after an optimizer step (COFT); no-op by default."""
+
+    def block_keep_mask(
+        self, shape: tuple[int, ...], device: torch.device, dropout: bool
+    ) -> torch.Tensor | None:
+        """Multiplicative block dropout: 1 = keep the block, 0 = replace it by I."""
+        if not (dropout and self.config.dropout > 0):
+            return None
+        return torch.bernoulli(torch.full(shape, 1.0 - self.config.dropout, device=device))
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, sides={self.sides(self.config)}"

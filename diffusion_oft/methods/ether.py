@@ -1,0 +1,111 @@
+"""ETHER and ETHER+ (Bini et al. 2024): block-diagonal Householder-type transforms.
+
+ETHER:  H_i = I - 2 u_i u_i^T / |u_i|^2 per block (an exact reflection, so it starts away from
+        the identity by design).  One vector per block: `dim` numbers per layer for any n.
+ETHER+: H+_i = I - u_i u_i^T/|u_i|^2 + v_i v_i^T/|v_i|^2, by default on both sides
+        (W' = H~+ W H+); v = -u at init gives H+ = I.  Not orthogonal in general.
+Both are applied as low-rank updates, never as dense matrices.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import AdapterConfig
+from .base import OrthoMethod, block_structure, register_method
+from .transforms import BlockTransform, LowRankBlockTransform
+
+_SIDE_SUFFIX = {"input": "in", "output": "out"}
+
+
+def _unit(vec: torch.Tensor) -> torch.Tensor:
+    return F.normalize(vec.float(), dim=-1, eps=1e-12)
+
+
+class _HouseholderMethod(OrthoMethod):
+    vector_names: tuple[str, ...] = ()  # per side: ("u",) or ("u", "v")
+
+    @classmethod
+    def own_parameter_shapes(cls, in_features: int, out_features: int, config: AdapterConfig) -> dict:
+        shapes = {}
+        for side in cls.sides(config):
+            n, b = block_structure(cls.side_dim(side, in_features, out_features), config)
+            for vec in cls.vector_names:
+                shapes[f"{vec}_{_SIDE_SUFFIX[side]}"] = (n, b)
+        return shapes
+
+    def __init__(self, in_features: int, out_features: int, config: AdapterConfig):
+        super().__init__(in_features, out_features, config)
+        for name, shape in self.own_parameter_shapes(in_features, out_features, config).items():
+            self.register_parameter(name, nn.Parameter(torch.empty(shape)))
+        self.reset_parameters()
+
+    def vectors(self, side: str) -> list[torch.Tensor]:
+        return [getattr(self, f"{vec}_{_SIDE_SUFFIX[side]}") for vec in self.vector_names]
+
+    def _core(self, scale: float, n: int, device: torch.device) -> torch.Tensor:
+        raise NotImplementedError
+
+    def transforms(self, scale: float = 1.0, dropout: bool = False) -> dict[str, BlockTransform]:
+        out = {}
+        for side in self.sides(self.config):
+            vecs = self.vectors(side)
+            basis = torch.stack([_unit(v) for v in vecs], dim=-1)  # (n, b, k)
+            core = self._core(scale, basis.shape[0], basis.device)  # (n, k, k)
+            keep = self.block_keep_mask((basis.shape[0],), basis.device, dropout)
+            if keep is not None:
+                core = core * keep[:, None, None]  # a dropped block becomes I
+            out[side] = LowRankBlockTransform(basis, core)
+        return out
+
+
+@register_method
+class ETHER(_HouseholderMethod):
+    """Block-diagonal Householder reflection on one side; parameter ``u_in`` (or ``u_out``): (n, b)."""
+
+    name = "ether"
+    vector_names = ("u",)
+
+    def reset_parameters(self) -> None:
+        if self.config.init == "identity":
+            raise ValueError("ETHER is a reflection and cannot start at the identity; use ether_plus for that")
+        for vec in self.vectors(self.config.side):
+            nn.init.kaiming_uniform_(vec, a=math.sqrt(5))
+        if self.magnitude is not None:
+            nn.init.ones_(self.magnitude)
+
+    def _core(self, scale: float, n: int, device: torch.device) -> torch.Tensor:
+        # H = I - 2 s u u^T: s = 1 is the reflection, s = 0 the identity (orthogonal only at 0 and 1).
+        return torch.full((n, 1, 1), -2.0 * scale, device=device)
+
+
+@register_method
+class ETHERPlus(_HouseholderMethod):
+    """ETHER+ with vectors ``u_in, v_in`` (and ``u_out, v_out`` when two-sided): (n, b) each."""
+
+    name = "ether_plus"
+    vector_names = ("u", "v")
+
+    @classmethod
+    def sides(cls, config: AdapterConfig) -> tuple[str, ...]:
+        return ("input", "output") if config.ether_plus_two_sided else (config.side,)
+
+    def reset_parameters(self) -> None:
+        for side in self.sides(self.config):
+            u, v = self.vectors(side)
+            nn.init.kaiming_uniform_(u, a=math.sqrt(5))
+            if self.config.init == "random":
+                nn.init.kaiming_uniform_(v, a=math.sqrt(5))
+            else:  # v = -u: H+ = I - uu^T + uu^T = I exactly
+                with torch.no_grad():
+                    v.copy_(-u)
+        if self.magnitude is not None:
+            nn.init.ones_(self.magnitude)
+
+    def _core(self, scale: float, n: int, device: torch.device) -> torch.Tensor:
+        core = torch.tensor([[-1.0, 0.0], [0.0, 1.0]], device=device) * scale
+        return core.expand(n, 2, 2)

@@ -1,0 +1,189 @@
+"""Each method's fast structured path against a dense reference built here from the formulas."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from diffusion_oft import AdapterConfig
+from diffusion_oft.layers import OrthoLinear
+from diffusion_oft.methods import get_method_class
+from diffusion_oft.methods.butterfly import butterfly_permutation
+from diffusion_oft.methods.cayley import cayley, skew_from_triu, triu_from_skew
+
+torch.manual_seed(0)
+
+
+def dense_cayley(skew: torch.Tensor) -> torch.Tensor:
+    """(I + S)(I - S)^-1 in float64 with an explicit inverse (reference only)."""
+    eye = torch.eye(skew.shape[-1], dtype=torch.float64)
+    s = skew.double()
+    return (eye + s) @ torch.linalg.inv(eye - s)
+
+
+def dense_perm(perm: torch.Tensor | None, dim: int) -> torch.Tensor:
+    mat = torch.zeros(dim, dim, dtype=torch.float64)
+    idx = torch.arange(dim) if perm is None else perm
+    mat[torch.arange(dim), idx] = 1.0  # P[k, perm[k]] = 1
+    return mat
+
+
+def dense_householder(vectors: list[torch.Tensor], signs: list[float]) -> torch.Tensor:
+    """BlockDiag_i(I + sum_j sign_j v_ij v_ij^T / |v_ij|^2) from (n, b) vector sets."""
+    n, b = vectors[0].shape
+    blocks = []
+    for i in range(n):
+        h = torch.eye(b, dtype=torch.float64)
+        for vec, sign in zip(vectors, signs, strict=True):
+            v = vec[i].double()
+            h = h + sign * torch.outer(v, v) / (v @ v)
+        blocks.append(h)
+    return torch.block_diag(*blocks)
+
+
+def dense_reference_weight(method, weight: torch.Tensor) -> torch.Tensor:
+    """W' from the papers' formulas with dense matrices (float64)."""
+    cfg = method.config
+    w = weight.double()
+    if cfg.method in ("oft", "boft"):
+        m = 1 if cfg.method == "oft" else cfg.n_butterfly_factors
+        skews = skew_from_triu(method.skew.detach().reshape(m, method.num_blocks, -1), method.block_size)
+        rot = torch.eye(method.dim, dtype=torch.float64)
+        for level in range(m):  # R = B_m ... B_1, B_i = P_i BlockDiag(Cayley(S_i)) P_i^T
+            p = dense_perm(butterfly_permutation(method.dim, method.block_size, level), method.dim)
+            bd = torch.block_diag(*[dense_cayley(s) for s in skews[level]])
+            rot = (p @ bd @ p.T) @ rot
+        return w @ rot.T if cfg.side == "input" else rot @ w
+    if cfg.method == "ether":
+        side = "in" if cfg.side == "input" else "out"
+        h = dense_householder([getattr(method, f"u_{side}").detach()], [-2.0])
+        return w @ h if cfg.side == "input" else h @ w
+    h_in = dense_householder([method.u_in.detach(), method.v_in.detach()], [-1.0, 1.0])
+    h_out = dense_householder([method.u_out.detach(), method.v_out.detach()], [-1.0, 1.0])
+    return h_out @ w @ h_in  # ETHER+ two-sided: H~+ W H+
+
+
+CASES = [
+    dict(method="oft", block_size=4),
+    dict(method="oft", num_blocks=2),
+    dict(method="oft", block_size=4, side="output"),
+    dict(method="boft", block_size=4, n_butterfly_factors=1),
+    dict(method="boft", block_size=4, n_butterfly_factors=2),
+    dict(method="boft", block_size=2, n_butterfly_factors=4),
+    dict(method="boft", block_size=4, n_butterfly_factors=3, side="output"),
+    dict(method="ether", num_blocks=4),
+    dict(method="ether", num_blocks=1, side="output"),
+    dict(method="ether_plus", num_blocks=2),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{v}" for v in c.values()))
+@pytest.mark.parametrize("grad", [True, False], ids=["activations", "weight"])
+def test_fast_path_matches_dense_reference(case, grad):
+    cfg = AdapterConfig(init="random", **case)
+    linear = nn.Linear(16, 32)
+    layer = OrthoLinear(linear)
+    method = get_method_class(cfg.method)(16, 32, cfg)
+    layer.add_adapter("a", method)
+    x = torch.randn(3, 5, 16)
+    with torch.set_grad_enabled(grad):  # grad: activations transformed; no grad: weight transformed
+        out = layer(x)
+    ref_w = dense_reference_weight(method, linear.weight.detach())
+    ref = x.double() @ ref_w.T + linear.bias.double()
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.adapted_weight(dtype=torch.float64), ref_w, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [c for c in CASES if c["method"] != "ether_plus"],
+    ids=lambda c: "-".join(f"{v}" for v in c.values()),
+)
+def test_orthogonality_at_random_parameters(case):
+    cfg = AdapterConfig(init="random", **case)
+    method = get_method_class(cfg.method)(16, 32, cfg)
+    with torch.no_grad():
+        for p in method.parameters():
+            p.normal_(std=0.5)
+    (transform,) = method.transforms().values()
+    r = transform.to_dense()
+    eye = torch.eye(r.shape[0])
+    assert (r.T @ r - eye).norm() <= 1e-5
+
+
+def test_ether_plus_is_not_orthogonal_but_invertible():
+    cfg = AdapterConfig(method="ether_plus", num_blocks=2, init="random")
+    method = get_method_class("ether_plus")(16, 16, cfg)
+    t = method.transforms()["input"]
+    r = t.to_dense()
+    assert (r.T @ r - torch.eye(16)).norm() > 1e-2
+    inv = t.inverse().to_dense()
+    torch.testing.assert_close(r.double() @ inv.double(), torch.eye(16, dtype=torch.float64), atol=1e-5, rtol=0)
+
+
+def test_cayley_exact_and_neumann_agree_up_to_series_error():
+    s = skew_from_triu(torch.randn(6, 28) * 0.02, 8)
+    exact = cayley(s, "exact")
+    rho = torch.linalg.matrix_norm(s, ord=2).max().item()  # spectral norm, < 1 here
+    errors = []
+    for k in (1, 2, 3, 5, 8):
+        err = torch.linalg.matrix_norm(cayley(s, "neumann", k) - exact, ord=2).max().item()
+        # |(I+S) sum_{i>k} S^i| <= 2 rho^(k+1) / (1 - rho)  (plus float32 rounding)
+        assert err <= 2 * rho ** (k + 1) / (1 - rho) + 1e-6
+        errors.append(err)
+    assert errors == sorted(errors, reverse=True) and errors[-1] < 1e-6
+    # Same sign convention in both modes: first order R ~ I + 2S.
+    small = s * 0.01
+    torch.testing.assert_close(cayley(small, "exact"), torch.eye(8) + 2 * small, atol=2e-5, rtol=0)
+    torch.testing.assert_close(cayley(s, "neumann", 1), torch.eye(8) + 2 * s + s @ s, atol=1e-6, rtol=0)
+
+
+def test_skew_round_trip_and_zero_is_identity():
+    vec = torch.randn(3, 10)
+    torch.testing.assert_close(triu_from_skew(skew_from_triu(vec, 5)), vec)
+    assert torch.equal(cayley(torch.zeros(2, 5, 5), "exact"), torch.eye(5).expand(2, 5, 5))
+    assert torch.equal(cayley(torch.zeros(2, 5, 5), "neumann"), torch.eye(5).expand(2, 5, 5))
+
+
+@pytest.mark.parametrize("dim,b,levels", [(16, 2, 4), (32, 4, 3), (48, 8, 2)])
+def test_butterfly_permutations_are_permutations(dim, b, levels):
+    assert butterfly_permutation(dim, b, 0) is None
+    for level in range(1, levels):
+        perm = butterfly_permutation(dim, b, level)
+        assert sorted(perm.tolist()) == list(range(dim))
+        assert not torch.equal(perm, torch.arange(dim))
+
+
+def test_butterfly_matches_reference_layout():
+    # dim 8, block 2, level 1: chunks of 4, half-blocks of 1 reordered evens first then odds.
+    assert butterfly_permutation(8, 2, 1).tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
+    assert butterfly_permutation(8, 2, 2).tolist() == [0, 2, 4, 6, 1, 3, 5, 7]
+
+
+def test_coft_projection_clips_block_norms():
+    cfg = AdapterConfig(method="oft", block_size=4, coft_eps=1e-3, init="random")
+    method = get_method_class("oft")(16, 16, cfg)
+    method.constrain_()
+    norms = skew_from_triu(method.skew.detach(), 4).flatten(1).norm(dim=-1)
+    assert torch.all(norms <= 1e-3 * (1 + 1e-5))
+    assert torch.allclose(norms, torch.full_like(norms, 1e-3), rtol=1e-4)
+
+
+def test_parameter_counts_follow_the_formulas():
+    d_in, d_out = 64, 32
+    count = lambda **kw: get_method_class(kw["method"]).num_parameters(d_in, d_out, AdapterConfig(**kw))
+    assert count(method="oft", block_size=8) == d_in * (8 - 1) // 2
+    assert count(method="boft", block_size=4, n_butterfly_factors=3) == 3 * d_in * (4 - 1) // 2
+    assert count(method="ether", num_blocks=4) == d_in
+    assert count(method="ether_plus", num_blocks=4) == 2 * (d_in + d_out)
+    assert count(method="oft", block_size=8, magnitude=True) == d_in * 7 // 2 + d_out
+
+
+def test_invalid_structure_says_which_values_work():
+    with pytest.raises(ValueError, match=r"block sizes that work for 20: \[2, 4, 5, 10, 20\]"):
+        get_method_class("oft")(20, 8, AdapterConfig(method="oft", block_size=8))
+    with pytest.raises(ValueError, match=r"n_butterfly_factors=3.*block sizes that work for 24: \[2, 6\]"):
+        get_method_class("boft")(24, 8, AdapterConfig(method="boft", block_size=4, n_butterfly_factors=3))
+    with pytest.raises(ValueError, match="block counts that work"):
+        get_method_class("ether")(30, 8, AdapterConfig(method="ether", num_blocks=4))
