@@ -7,8 +7,8 @@ from .config import AdapterConfig  # noqa: E402
 from .files import AdapterFileError, adapter_info, load_adapter, save_adapter  # noqa: E402
 from .layers import OrthoLinear  # noqa: E402
 from .model import (  # noqa: E402
-    add_adapter,
     adapter_parameters,
+    add_adapter,
     apply_constraints,
     count_adapter_parameters,
     find_targets,

@@ -70,8 +70,7 @@ def install_processors(model: torch.nn.Module) -> None:
         if any(isinstance(m, OrthoLinear) for m in module.modules()):
             if getattr(module, "fused_projections", False):
                 raise RuntimeError(
-                    "this model's QKV projections are fused; call unfuse_qkv_projections() before adding "
-                    "adapters"
+                    "this model's QKV projections are fused; call unfuse_qkv_projections() before adding adapters"
                 )
             module.fuse_projections = types.MethodType(_guarded_fuse_projections, module)
 
@@ -83,7 +82,5 @@ def uninstall_processors(model: torch.nn.Module) -> None:
             continue
         if isinstance(module.processor, OrthoAttnProcessor):
             module.set_processor(AttnProcessor2_0())
-        if "fuse_projections" in module.__dict__ and not any(
-            isinstance(m, OrthoLinear) for m in module.modules()
-        ):
+        if "fuse_projections" in module.__dict__ and not any(isinstance(m, OrthoLinear) for m in module.modules()):
             del module.__dict__["fuse_projections"]

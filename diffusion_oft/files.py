@@ -24,7 +24,7 @@ from torch import nn
 from . import __version__
 from .config import AdapterConfig
 from .methods import get_method_class
-from .model import add_adapter, adapter_configs, find_targets, named_ortho_layers, validate_targets
+from .model import adapter_configs, add_adapter, find_targets, named_ortho_layers, validate_targets
 
 FORMAT_NAME = "diffusion-oft"
 FORMAT_VERSION = 1
@@ -252,7 +252,7 @@ def load_adapter(
         raise AdapterFileError(f"{name}: tensor {sorted(remaining)[0]!r} belongs to no component in the metadata")
 
     # Validated: now change the target(s).
-    for comp, module, config, expected in plan:
+    for comp, module, config, _ in plan:
         add_adapter(module, config, adapter_name)
         with torch.no_grad():
             for path, layer in named_ortho_layers(module):

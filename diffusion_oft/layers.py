@@ -128,9 +128,7 @@ class OrthoLinear(nn.Module):
         scale = self.adapter_scales.get(name, 1.0)
         return scale if self.call_scale is None else scale * self.call_scale
 
-    def _transforms(
-        self, name: str, dropout: bool = False
-    ) -> tuple[dict[str, BlockTransform], torch.Tensor | None]:
+    def _transforms(self, name: str, dropout: bool = False) -> tuple[dict[str, BlockTransform], torch.Tensor | None]:
         method = self.ortho_adapters[name]
         # Built in float32 even under fp16/bf16 autocast.
         device_type = method_device(method).type

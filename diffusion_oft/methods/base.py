@@ -136,9 +136,7 @@ class OrthoMethod(nn.Module):
     def constrain_(self) -> None:
         """Projection applied after an optimizer step (COFT); no-op by default."""
 
-    def block_keep_mask(
-        self, shape: tuple[int, ...], device: torch.device, dropout: bool
-    ) -> torch.Tensor | None:
+    def block_keep_mask(self, shape: tuple[int, ...], device: torch.device, dropout: bool) -> torch.Tensor | None:
         """Multiplicative block dropout: 1 = keep the block, 0 = replace it by I."""
         if not (dropout and self.config.dropout > 0):
             return None
