@@ -148,13 +148,19 @@ class OrthoLinear(nn.Module):
 
     def _forward_on_activations(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
         built = [self._transforms(n, dropout=self.training) for n in names]
-        # Input sides: x R_in,K ... R_in,1 (the last adapter acts first on the input).
-        for transforms, _ in reversed(built):
-            if "input" in transforms:
-                x = transforms["input"].right_mul(x)
+        weight, bias = self.base_layer.weight, self.base_layer.bias
+        # Input sides: x R_in,K ... R_in,1 W^T (the last adapter acts first on the input); the one next
+        # to W goes through linear_after, which low-rank transforms fuse with the frozen linear.
+        inputs = [t["input"] for t, _ in reversed(built) if "input" in t]
+        for transform in inputs[:-1]:
+            x = transform.right_mul(x)
         needs_post = any("output" in t or s is not None for t, s in built)
-        bias = self.base_layer.bias
-        y = F.linear(x, self.base_layer.weight, None if needs_post else bias)
+        if inputs:
+            y = inputs[-1].linear_after(x, weight)
+            if bias is not None and not needs_post:
+                y = y + bias
+        else:
+            y = F.linear(x, weight, None if needs_post else bias)
         if needs_post:
             for transforms, magnitude in built:
                 if "output" in transforms:

@@ -288,3 +288,15 @@ def test_other_diffusers_models():
     with torch.no_grad():
         assert torch.equal(dit(**inputs).sample, base)
     assert len(do.model.ortho_layers(dit)) == 4
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_no_graph_breaks_inside_adapted_attention(tiny_unet, method):
+    do.add_adapter(tiny_unet, do.AdapterConfig(**METHOD_CONFIGS[method]))
+    attn = tiny_unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2
+    hidden, text = torch.randn(2, 64, 32), torch.randn(2, 7, 32)
+    for grad in (True, False):  # training path (activations) and inference path (cached weight)
+        torch._dynamo.reset()
+        with torch.set_grad_enabled(grad):
+            explained = torch._dynamo.explain(attn)(hidden, encoder_hidden_states=text)
+        assert explained.graph_break_count == 0, explained.break_reasons

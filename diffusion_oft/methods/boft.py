@@ -12,7 +12,6 @@ from torch import nn
 
 from ..config import AdapterConfig
 from .base import OrthoMethod, block_structure, register_method
-from .butterfly import butterfly_permutation
 from .cayley import cayley, num_skew_params, skew_from_triu
 from .transforms import BlockTransform, ButterflyTransform
 
@@ -48,8 +47,6 @@ class BOFT(OrthoMethod):
         self.num_blocks, self.block_size = self.structure(self.dim, config)
         m = self.n_factors(config)
         self.skew = nn.Parameter(torch.zeros(self.skew_shape(m, self.num_blocks, self.block_size)))
-        # Level i permutation (level 0 = identity); non-persistent, rebuilt from the config.
-        self._perm_levels = [butterfly_permutation(self.dim, self.block_size, i) for i in range(m)]
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -74,9 +71,14 @@ class BOFT(OrthoMethod):
             eye = torch.eye(self.block_size, device=blocks.device, dtype=blocks.dtype)
             keep = keep[..., None, None]
             blocks = keep * blocks + (1 - keep) * eye
-        perms = [None if p is None else p.to(blocks.device) for p in self._perm_levels]
-        # R = B_m ... B_1: in multiplication order the highest level comes first.
-        return {cfg.side: ButterflyTransform(blocks.flip(0), perms[::-1])}
+        m = blocks.shape[0]
+        # R = B_m ... B_1 (B_i of butterfly level i - 1): in multiplication order the highest level first.
+        rotation = ButterflyTransform(blocks.flip(0), list(reversed(range(m))))
+        # m factors only mix coordinates within chunks of b * 2**(m-1): when such chunks are small, one
+        # block-diagonal matmul with the product's blocks is cheaper than m matmuls + 2m shuffles.
+        if m > 1 and rotation.span <= max(2 * m * self.block_size, 32):
+            rotation = rotation.collapsed()
+        return {cfg.side: rotation}
 
     @torch.no_grad()
     def constrain_(self) -> None:

@@ -47,15 +47,14 @@ class _HouseholderMethod(OrthoMethod):
     def vectors(self, side: str) -> list[torch.Tensor]:
         return [getattr(self, f"{vec}_{_SIDE_SUFFIX[side]}") for vec in self.vector_names]
 
-    def _core(self, scale: float, n: int, device: torch.device) -> torch.Tensor:
+    def _basis_and_core(self, side: str, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, b, k) basis and (n, k, k) core with H = I + A M A^T per block."""
         raise NotImplementedError
 
     def transforms(self, scale: float = 1.0, dropout: bool = False) -> dict[str, BlockTransform]:
         out = {}
         for side in self.sides(self.config):
-            vecs = self.vectors(side)
-            basis = torch.stack([_unit(v) for v in vecs], dim=-1)  # (n, b, k)
-            core = self._core(scale, basis.shape[0], basis.device)  # (n, k, k)
+            basis, core = self._basis_and_core(side, scale)
             keep = self.block_keep_mask((basis.shape[0],), basis.device, dropout)
             if keep is not None:
                 core = core * keep[:, None, None]  # a dropped block becomes I
@@ -78,9 +77,11 @@ class ETHER(_HouseholderMethod):
         if self.magnitude is not None:
             nn.init.ones_(self.magnitude)
 
-    def _core(self, scale: float, n: int, device: torch.device) -> torch.Tensor:
-        # H = I - 2 s u u^T: s = 1 is the reflection, s = 0 the identity (orthogonal only at 0 and 1).
-        return torch.full((n, 1, 1), -2.0 * scale, device=device)
+    def _basis_and_core(self, side: str, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        # H = I - 2 s u^ u^T: s = 1 is the reflection, s = 0 the identity (orthogonal only at 0 and 1).
+        (u,) = self.vectors(side)
+        basis = _unit(u).unsqueeze(-1)  # (n, b, 1)
+        return basis, torch.full((basis.shape[0], 1, 1), -2.0 * scale, device=basis.device)
 
 
 @register_method
@@ -106,6 +107,10 @@ class ETHERPlus(_HouseholderMethod):
         if self.magnitude is not None:
             nn.init.ones_(self.magnitude)
 
-    def _core(self, scale: float, n: int, device: torch.device) -> torch.Tensor:
-        core = torch.tensor([[-1.0, 0.0], [0.0, 1.0]], device=device) * scale
-        return core.expand(n, 2, 2)
+    def _basis_and_core(self, side: str, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        # -u^u^T + v^v^T = -1/2 (q p^T + p q^T) with p = u^ + v^, q = u^ - v^.  At init v = -u, so p = 0
+        # exactly and H+ = I holds bit for bit (no cancellation of two rounded terms).
+        u, v = (_unit(x) for x in self.vectors(side))
+        basis = torch.stack([u + v, u - v], dim=-1)  # (n, b, 2)
+        core = torch.tensor([[0.0, -0.5], [-0.5, 0.0]], device=basis.device) * scale
+        return basis, core.expand(basis.shape[0], 2, 2)

@@ -1,14 +1,18 @@
 """Structured d x d maps, applied without ever forming a dense d x d matrix.
 
-Every method builds one of these from its parameters (in float32).  The layer code only needs
-``right_mul``: for rows X of shape (..., d) it returns X @ T (or X @ T^T), plus ``inverse`` for
-unmerging.  Block-diagonal products are reshapes + batched matmuls, permutations are index
-gathers, Householder-type blocks are low-rank updates.
+Every method builds one of these from its parameters (in float32).  The layer code needs:
+  * ``right_mul(X, transpose)``: rows X (..., d) -> X @ T (or X @ T^T),
+  * ``linear_after(X, W)``: (X @ T) @ W^T, which a transform may compute more cheaply than
+    right_mul followed by the linear (low-rank transforms do: they never touch X twice),
+  * ``inverse()`` for unmerging.
+Block-diagonal products are reshapes + batched matmuls, butterfly permutations are reshapes of
+the coordinate axis (no index tensors), Householder-type blocks are thin low-rank updates.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 class BlockTransform:
@@ -19,76 +23,113 @@ class BlockTransform:
     def right_mul(self, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
+    def linear_after(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """(x @ T) @ weight^T without bias; weight: (out, d)."""
+        return F.linear(self.right_mul(x), weight)
+
     def inverse(self) -> BlockTransform:  # pragma: no cover
         raise NotImplementedError
-
-    def to_dense(self) -> torch.Tensor:
-        """Dense matrix, for tests and small debugging only (never used on the hot path)."""
-        eye = torch.eye(self.dim, dtype=torch.float32, device=self.device)
-        return self.right_mul(eye)
 
     @property
     def device(self) -> torch.device:  # pragma: no cover
         raise NotImplementedError
 
+    def to_dense(self) -> torch.Tensor:
+        """Dense matrix, for tests and debugging only (never used on the hot path)."""
+        return self.right_mul(torch.eye(self.dim, dtype=torch.float32, device=self.device))
 
-def _block_right_mul(x: torch.Tensor, blocks: torch.Tensor, transpose: bool) -> torch.Tensor:
-    """x: (..., n*b), blocks: (n, b, b) -> x @ BlockDiag(blocks) (or its transpose)."""
+
+def block_diag_right_mul(x: torch.Tensor, blocks: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """x (..., n*b) @ BlockDiag(blocks (n, b, b)) (or its transpose), one batched matmul."""
     n, b, _ = blocks.shape
-    xb = x.reshape(*x.shape[:-1], n, b)
-    if transpose:
-        out = torch.einsum("...nj,nij->...ni", xb, blocks)  # x @ B^T: out_i = sum_j x_j B_ij
-    else:
-        out = torch.einsum("...ni,nij->...nj", xb, blocks)
-    return out.reshape(x.shape)
+    lead = x.shape[:-1]
+    xb = x.reshape(-1, n, b).transpose(0, 1)  # (n, tokens, b)
+    mats = blocks.transpose(-1, -2) if transpose else blocks
+    return torch.bmm(xb, mats).transpose(0, 1).reshape(*lead, n * b)
+
+
+def butterfly_shuffle(x: torch.Tensor, level: int, block_size: int, inverse: bool = False) -> torch.Tensor:
+    """x @ P_level^T (``inverse``: x @ P_level) for BOFT's level-``level`` butterfly permutation.
+
+    Within chunks of block_size * 2**level coordinates, half-blocks (block_size // 2) are put in
+    the order evens-then-odds: viewing a chunk as a (2**level, 2) grid of half-blocks, that is a
+    transpose to (2, 2**level).  See ``butterfly.butterfly_permutation`` for the index form.
+    """
+    if level == 0:
+        return x
+    groups, half = 2**level, block_size // 2
+    lead, dim = x.shape[:-1], x.shape[-1]
+    chunks = dim // (groups * half * 2)
+    grid = (chunks, 2, groups, half) if inverse else (chunks, groups, 2, half)
+    return x.reshape(*lead, *grid).transpose(-3, -2).reshape(*lead, dim)
 
 
 class ButterflyTransform(BlockTransform):
     """A product of permuted block-diagonal factors, T = F_1 F_2 ... F_m (BOFT; m = 1 is OFT).
 
-    Factors are stored in multiplication order: X @ T = X @ F_1 @ ... @ F_m.  Factor j is
-    F_j = P_j BlockDiag(blocks[j]) P_j^T with blocks (m, n, b, b) float32 and perms[j] a
-    LongTensor (d,) or None (identity), where P_j[k, perms[j][k]] = 1; hence
-    X @ P_j^T = X[..., perm] and X @ P_j = X[..., argsort(perm)].
+    Factors are stored in multiplication order: X @ T = X @ F_1 @ ... @ F_m, with
+    F_j = P_j BlockDiag(blocks[j]) P_j^T, blocks (m, n, b, b) and P_j the butterfly permutation of
+    level ``levels[j]`` (0 = identity).
     """
 
-    def __init__(self, blocks: torch.Tensor, perms: list[torch.Tensor | None]):
+    def __init__(self, blocks: torch.Tensor, levels: list[int]):
         self.blocks = blocks
-        self.perms = perms
-        self.inv_perms = [None if p is None else torch.argsort(p) for p in perms]
+        self.levels = list(levels)
+        self.block_size = blocks.shape[-1]
         self.dim = blocks.shape[1] * blocks.shape[2]
 
     @property
     def device(self) -> torch.device:
         return self.blocks.device
 
+    @property
+    def span(self) -> int:
+        """Coordinates mixed together: T is block-diagonal with blocks of this size."""
+        return self.block_size * 2 ** max(self.levels)
+
     def right_mul(self, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
         blocks = self.blocks.to(x.dtype)
-        m = blocks.shape[0]
+        b = self.block_size
         # X @ T = X @ F_1 ... F_m   ;   X @ T^T = X @ F_m^T ... F_1^T
-        for j in reversed(range(m)) if transpose else range(m):
-            perm, inv = self.perms[j], self.inv_perms[j]
-            if perm is not None:
-                x = x[..., inv]  # X @ P_j
-            x = _block_right_mul(x, blocks[j], transpose)
-            if perm is not None:
-                x = x[..., perm]  # X @ P_j^T
+        for j in reversed(range(len(self.levels))) if transpose else range(len(self.levels)):
+            x = butterfly_shuffle(x, self.levels[j], b, inverse=True)  # X @ P_j
+            x = block_diag_right_mul(x, blocks[j], transpose)
+            x = butterfly_shuffle(x, self.levels[j], b)  # X @ P_j^T
         return x
 
+    def collapsed(self) -> ButterflyTransform:
+        """The same map as ONE block-diagonal factor with blocks of size ``span`` (differentiable).
+
+        T only mixes coordinates within chunks of ``span``; its diagonal blocks cost span * d * m * b
+        to form, and applying them is one batched matmul instead of m matmuls and 2m shuffles.
+        """
+        span, d = self.span, self.dim
+        if len(self.levels) == 1:
+            return self
+        chunks = d // span
+        # Row r of `probe` has a 1 at coordinate r of every chunk; row r of probe @ T is then, chunk by
+        # chunk, row r of each diagonal block of T.
+        eye = torch.eye(span, dtype=self.blocks.dtype, device=self.device)
+        probe = eye.repeat(1, chunks)  # (span, d)
+        rows = self.right_mul(probe)  # (span, d)
+        blocks = rows.reshape(span, chunks, span).transpose(0, 1)  # (chunks, span, span)
+        return ButterflyTransform(blocks.unsqueeze(0), [0])
+
     def inverse(self) -> ButterflyTransform:
-        # T^-1 = F_m^-1 ... F_1^-1, each factor inverted block by block (small b x b solves).
+        # T^-1 = F_m^-1 ... F_1^-1, each factor inverted block by block (small b x b solves), kept in
+        # float64: merge/unmerge run in float64, so unmerging does not drift.
         eye = torch.eye(self.blocks.shape[-1], dtype=torch.float64, device=self.device)
-        # Kept in float64: merge/unmerge run in float64, so unmerging does not drift.
         inv_blocks = torch.linalg.solve(self.blocks.double(), eye.expand_as(self.blocks))
-        return ButterflyTransform(inv_blocks.flip(0), self.perms[::-1])
+        return ButterflyTransform(inv_blocks.flip(0), self.levels[::-1])
 
 
 class LowRankBlockTransform(BlockTransform):
     """Block-diagonal H = BlockDiag(I + A_i M_i A_i^T) (ETHER, ETHER+; Householder-type).
 
     basis: (n, b, k) float32 (the unit vectors u, v of each block as columns),
-    core: (n, k, k) float32.  ETHER: k = 1, core = -2 (a reflection).  ETHER+: k = 2,
-    core = diag(-1, +1).  Applying costs O(tokens * d * k), independent of the block size.
+    core: (n, k, k).  ETHER: k = 1, core = -2 (a reflection).  ETHER+: k = 2, core = diag(-1, +1).
+    With A = BlockDiag(A_i) (d, n*k) thin, x @ H = x + (x A) M A^T: applying it costs like a
+    rank-(n*k) LoRA, independent of the block size.
     """
 
     def __init__(self, basis: torch.Tensor, core: torch.Tensor):
@@ -100,21 +141,39 @@ class LowRankBlockTransform(BlockTransform):
     def device(self) -> torch.device:
         return self.basis.device
 
-    def right_mul(self, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
-        n, b, _ = self.basis.shape
-        basis = self.basis.to(x.dtype)
-        core = self.core.to(x.dtype)
+    def thin_basis(self, dtype: torch.dtype) -> torch.Tensor:
+        """A = BlockDiag(A_1..A_n): (d, n*k), mostly zeros but thin (n*k columns)."""
+        return torch.block_diag(*self.basis.to(dtype).unbind(0))
+
+    def block_core(self, dtype: torch.dtype, transpose: bool = False) -> torch.Tensor:
+        """BlockDiag(M_1..M_n): (n*k, n*k)."""
+        core = self.core.to(dtype)
         if transpose:
             core = core.transpose(-1, -2)
-        xb = x.reshape(*x.shape[:-1], n, b)
-        coeff = torch.einsum("...nb,nbk->...nk", xb, basis)  # X A
-        coeff = torch.einsum("...nk,nkl->...nl", coeff, core)  # X A M
-        # X + X A M A^T, summed term by term (k <= 2): with v = -u (ETHER+ at init) the two
-        # terms cancel exactly, so the identity is reproduced bit for bit.
-        delta = coeff[..., 0:1] * basis[..., 0]
-        for col in range(1, basis.shape[-1]):
-            delta = delta + coeff[..., col : col + 1] * basis[..., col]
-        return (xb + delta).reshape(x.shape)
+        return torch.block_diag(*core.unbind(0))
+
+    def _low_rank(self, x: torch.Tensor, transpose: bool) -> torch.Tensor:
+        """(x A) M (or M^T): (..., n*k)."""
+        return (x @ self.thin_basis(x.dtype)) @ self.block_core(x.dtype, transpose)
+
+    def right_mul(self, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        n, b, k = self.basis.shape
+        if n * k > 64:  # many blocks: per-block products beat a (d, n*k) matrix of zeros
+            xb = x.reshape(*x.shape[:-1], n, b)
+            basis = self.basis.to(x.dtype)
+            core = self.core.to(x.dtype)
+            coeff = torch.einsum("...nb,nbk->...nk", xb, basis)
+            coeff = torch.einsum("...nk,nkl->...nl", coeff, core.transpose(-1, -2) if transpose else core)
+            return (xb + torch.einsum("...nl,nbl->...nb", coeff, basis)).reshape(x.shape)
+        return x + self._low_rank(x, transpose) @ self.thin_basis(x.dtype).t()
+
+    def linear_after(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        # (x H) W^T = x W^T + (x A) M (W A)^T: the frozen linear plus two thin matmuls.
+        n, _, k = self.basis.shape
+        if n * k > 64:
+            return super().linear_after(x, weight)
+        a = self.thin_basis(weight.dtype)
+        return F.linear(x, weight) + self._low_rank(x, False) @ (weight @ a).t()
 
     def inverse(self) -> LowRankBlockTransform:
         # Woodbury: (I + A M A^T)^-1 = I - A (M^-1 + A^T A)^-1 A^T, a k x k solve per block.
@@ -122,13 +181,10 @@ class LowRankBlockTransform(BlockTransform):
         core = self.core.double()
         gram = basis.transpose(-1, -2) @ basis  # (n, k, k)
         eye = torch.eye(core.shape[-1], dtype=core.dtype, device=core.device).expand_as(core)
-        m_inv = torch.linalg.solve(core, eye)
-        inner = m_inv + gram
-        det = torch.linalg.det(inner)
-        if bool((det.abs() < 1e-10).any()):
+        inner = torch.linalg.solve(core, eye) + gram
+        if bool((torch.linalg.det(inner).abs() < 1e-10).any()):
             raise RuntimeError(
                 "this ETHER+ transform is singular (its u and v became orthogonal), so it cannot be "
                 "inverted exactly; keep a copy of the base weights instead of unmerging"
             )
-        new_core = -torch.linalg.solve(inner, eye)  # float64, see ButterflyTransform.inverse
-        return LowRankBlockTransform(self.basis, new_core)
+        return LowRankBlockTransform(self.basis, -torch.linalg.solve(inner, eye))  # float64 core

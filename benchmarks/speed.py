@@ -1,0 +1,290 @@
+"""Training-step speed and memory of orthogonal adapters on SD 1.5's UNet architecture.
+
+Builds ``UNet2DConditionModel(cross_attention_dim=768)`` (SD 1.5's architecture) with random
+weights, puts each adapter on ``to_q/to_k/to_v/to_out.0`` of every attention module, and times
+one training step (forward + backward, batch 1) against the frozen base (gradient to the input
+only), measured side by side: configurations are interleaved round by round so that machine noise
+hits all of them alike, and the medians are compared.
+
+    python benchmarks/speed.py --quick          # 256 px, our methods, about a minute
+    python benchmarks/speed.py                  # 256 + 512 px, PEFT comparisons, compile, memory
+    python benchmarks/speed.py --device cuda --dtype bf16 --resolutions 512 --batch 4
+
+``peft`` is only needed for the PEFT rows (pip install -e ".[dev]").
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+import diffusion_oft as do
+
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+@dataclass
+class Case:
+    name: str
+    kind: str  # "base" | "ours" | "peft"
+    make: Callable[[], object] | None = None  # AdapterConfig or a PEFT config
+    peft_ref: str | None = None  # the PEFT case to compare against
+
+
+def our(method: str, **kw) -> Callable[[], do.AdapterConfig]:
+    return lambda: do.AdapterConfig(method=method, **kw)
+
+
+def peft_config(kind: str, **kw) -> Callable[[], object]:
+    def make():
+        import peft
+
+        if kind == "lora":
+            return peft.LoraConfig(r=kw.get("r", 4), lora_alpha=kw.get("r", 4), target_modules=TARGETS)
+        if kind == "oft":
+            return peft.OFTConfig(
+                oft_block_size=kw["block_size"],
+                r=0,
+                target_modules=TARGETS,
+                use_cayley_neumann=kw.get("neumann", True),
+            )
+        if kind == "boft":
+            return peft.BOFTConfig(
+                boft_block_size=kw["block_size"], boft_n_butterfly_factor=kw["m"], target_modules=TARGETS
+            )
+        raise ValueError(kind)
+
+    return make
+
+
+def all_cases(quick: bool, with_peft: bool) -> list[Case]:
+    cases = [
+        Case("frozen base", "base"),
+        Case("oft b=32 (default)", "ours", our("oft"), "peft oft b=32 exact"),
+        Case("oft b=32 neumann", "ours", our("oft", cayley_mode="neumann"), "peft oft b=32 neumann"),
+        Case("boft b=8 m=2 (default)", "ours", our("boft"), "peft boft b=8 m=2"),
+        Case("ether n=4 (default)", "ours", our("ether")),
+        Case("ether_plus n=4 (default)", "ours", our("ether_plus")),
+    ]
+    if quick:
+        return [c for c in cases if "neumann" not in c.name]
+    cases += [
+        Case("oft n=4 (paper r=4)", "ours", our("oft", num_blocks=4)),
+        Case("boft b=8 m=4", "ours", our("boft", block_size=8, n_butterfly_factors=4), "peft boft b=8 m=4"),
+    ]
+    if with_peft:
+        cases += [
+            Case("peft lora r=4", "peft", peft_config("lora", r=4)),
+            Case("peft oft b=32 exact", "peft", peft_config("oft", block_size=32, neumann=False)),
+            Case("peft oft b=32 neumann", "peft", peft_config("oft", block_size=32, neumann=True)),
+            Case("peft boft b=8 m=2", "peft", peft_config("boft", block_size=8, m=2)),
+            Case("peft boft b=8 m=4", "peft", peft_config("boft", block_size=8, m=4)),
+        ]
+    return cases
+
+
+def build_unet(device: str, dtype: torch.dtype) -> nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(cross_attention_dim=768)
+    return unet.to(device=device, dtype=dtype).train()
+
+
+def make_inputs(resolution: int, batch: int, device: str, dtype: torch.dtype):
+    g = torch.Generator().manual_seed(0)
+    latent = resolution // 8
+    sample = torch.randn(batch, 4, latent, latent, generator=g).to(device, dtype)
+    text = torch.randn(batch, 77, 768, generator=g).to(device, dtype)
+    return sample, torch.tensor([500] * batch, device=device), text
+
+
+def apply_case(unet: nn.Module, case: Case) -> Callable[[], None]:
+    """Put the case's adapter on the UNet; returns a function that restores the plain UNet."""
+    if case.kind == "base":
+        unet.requires_grad_(False)
+        return lambda: None
+    if case.kind == "ours":
+        do.add_adapter(unet, case.make())
+        return lambda: do.remove_adapter(unet)
+    from peft import inject_adapter_in_model
+
+    originals = {n: m for n, m in unet.named_modules() if isinstance(m, nn.Linear)}
+    unet.requires_grad_(False)
+    inject_adapter_in_model(case.make(), unet)
+    for name, p in unet.named_parameters():
+        p.requires_grad_(any(tag in name for tag in ("lora_", "oft_", "boft_")))
+
+    def restore():
+        for name, linear in originals.items():
+            parent, _, child = name.rpartition(".")
+            setattr(unet.get_submodule(parent) if parent else unet, child, linear)
+        unet.requires_grad_(False)
+
+    return restore
+
+
+CLOCK = time.perf_counter  # --cpu-time switches to process CPU time (robust on a busy machine)
+
+
+def train_step(unet: nn.Module, inputs, case: Case, device: str) -> float:
+    sample, t, text = inputs
+    if case.kind == "base":
+        sample = sample.detach().requires_grad_(True)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    start = CLOCK()
+    out = unet(sample, t, text).sample
+    out.float().pow(2).mean().backward()
+    sync()
+    elapsed = CLOCK() - start
+    unet.zero_grad(set_to_none=True)
+    return elapsed
+
+
+def trainable(unet: nn.Module) -> int:
+    return sum(p.numel() for p in unet.parameters() if p.requires_grad)
+
+
+def time_cases(unet, cases, inputs, rounds: int, device: str, compiled: bool = False) -> dict[str, dict]:
+    results = {c.name: {"times": [], "params": 0} for c in cases}
+    for r in range(rounds + 1):  # round 0 is the warm-up
+        for case in cases:
+            restore = apply_case(unet, case)
+            results[case.name]["params"] = trainable(unet)
+            model = torch.compile(unet) if compiled else unet
+            if compiled or r == 0:
+                train_step(model, inputs, case, device)  # warm-up (and compilation)
+            if r > 0:
+                results[case.name]["times"].append(train_step(model, inputs, case, device))
+            restore()
+            del model
+            gc.collect()
+        print(f"  round {r}/{rounds} done", file=sys.stderr, flush=True)
+    for res in results.values():
+        res["median"] = statistics.median(res["times"]) if res["times"] else float("nan")
+    return results
+
+
+def peak_memory_of(case: Case, args, resolution: int) -> float:
+    """Peak RSS (GB) of a fresh process that builds the UNet and runs two steps of one case."""
+    cmd = [sys.executable, __file__, "--_memory_case", case.name, "--resolutions", str(resolution),
+           "--batch", str(args.batch), "--device", args.device, "--dtype", args.dtype]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_gb"]
+
+
+def memory_child(args) -> None:
+    dtype = DTYPES[args.dtype]
+    case = next(c for c in all_cases(False, True) if c.name == args._memory_case)
+    unet = build_unet(args.device, dtype)
+    inputs = make_inputs(int(args.resolutions.split(",")[0]), args.batch, args.device, dtype)
+    apply_case(unet, case)
+    for _ in range(2):
+        train_step(unet, inputs, case, args.device)
+    if args.device == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 1e9
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB -> GB
+    print(json.dumps({"peak_gb": peak}))
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="256 px, our methods only, ~1 minute")
+    parser.add_argument("--resolutions", default=None, help="comma-separated pixel sizes (default 256,512)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (median); default 2 quick, 3 full")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    parser.add_argument("--no-peft", action="store_true")
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time with process CPU time instead of wall time (use with --threads 1 on a busy machine)")
+    parser.add_argument("--_memory_case", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._memory_case:
+        return memory_child(args)
+
+    global CLOCK
+    if args.cpu_time:
+        CLOCK = time.process_time
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    dtype = DTYPES[args.dtype]
+    with_peft = not args.no_peft and not args.quick
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        with_peft = False
+    resolutions = [int(r) for r in (args.resolutions or ("256" if args.quick else "256,512")).split(",")]
+    rounds = args.rounds or (2 if args.quick else 3)
+    cases = all_cases(args.quick, with_peft)
+    print(f"# diffusion-oft speed benchmark: SD 1.5 UNet architecture (random weights), {args.device} {args.dtype}, "
+          f"batch {args.batch}, adapters on {'/'.join(TARGETS)} of all attention modules")
+    print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, median of {rounds} interleaved rounds after a warm-up"
+          + (", process CPU time" if args.cpu_time else ", wall time"))
+    unet = build_unet(args.device, dtype)
+    report = {}
+    for res in resolutions:
+        inputs = make_inputs(res, args.batch, args.device, dtype)
+        results = time_cases(unet, cases, inputs, rounds, args.device)
+        compiled = {}
+        if not args.no_compile and not args.quick:
+            compile_cases = [c for c in cases if c.kind != "peft"]
+            compiled = time_cases(unet, compile_cases, inputs, 1, args.device, compiled=True)
+        memory = {}
+        if not args.no_memory and not args.quick:
+            memory = {c.name: peak_memory_of(c, args, res) for c in cases}
+        base = results["frozen base"]["median"]
+        base_c = compiled.get("frozen base", {}).get("median")
+        print(f"\n## {res} px (latent {res // 8})\n")
+        header = "| config | trainable params | step (s) | / frozen base | / PEFT same config |"
+        sep = "| --- | ---: | ---: | ---: | ---: |"
+        if compiled:
+            header += " compiled step (s) | compiled / compiled base |"
+            sep += " ---: | ---: |"
+        if memory:
+            header += " peak mem (GB) | / base |"
+            sep += " ---: | ---: |"
+        print(header)
+        print(sep)
+        for case in cases:
+            r = results[case.name]
+            ratio_peft = ""
+            if case.peft_ref and case.peft_ref in results:
+                ratio_peft = f"{r['median'] / results[case.peft_ref]['median']:.2f}"
+            row = f"| {case.name} | {r['params']:,} | {r['median']:.3f} | {r['median'] / base:.3f} | {ratio_peft} |"
+            if compiled:
+                c = compiled.get(case.name)
+                row += f" {c['median']:.3f} | {c['median'] / base_c:.3f} |" if c else " | |"
+            if memory:
+                row += f" {memory[case.name]:.2f} | {memory[case.name] / memory['frozen base']:.3f} |"
+            print(row, flush=True)
+        report[res] = {"results": results, "compiled": compiled, "memory": memory}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2, default=str)
+
+
+if __name__ == "__main__":
+    main()
