@@ -5,6 +5,17 @@ __version__ = "0.1.0"
 from .attention import OrthoAttnProcessor  # noqa: E402
 from .config import AdapterConfig  # noqa: E402
 from .files import AdapterFileError, adapter_info, load_adapter, save_adapter  # noqa: E402
+
+# These accept a whole pipeline as well as a model (diffusion_oft.inference dispatches to model.py).
+from .inference import (  # noqa: E402
+    load_adapters,
+    merge_adapter,
+    remove_adapter,
+    set_adapter_enabled,
+    set_adapters,
+    unmerge_adapter,
+    use_adapters,
+)
 from .layers import OrthoLinear  # noqa: E402
 from .model import (  # noqa: E402
     adapter_parameters,
@@ -12,11 +23,6 @@ from .model import (  # noqa: E402
     apply_constraints,
     count_adapter_parameters,
     find_targets,
-    merge_adapter,
-    remove_adapter,
-    set_adapter_enabled,
-    set_adapters,
-    unmerge_adapter,
 )
 
 __all__ = [
@@ -31,10 +37,12 @@ __all__ = [
     "count_adapter_parameters",
     "find_targets",
     "load_adapter",
+    "load_adapters",
     "merge_adapter",
     "remove_adapter",
     "save_adapter",
     "set_adapter_enabled",
     "set_adapters",
     "unmerge_adapter",
+    "use_adapters",
 ]

@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-COMMAND_MODULES = ("demo", "info")
+COMMAND_MODULES = ("demo", "info", "generate", "train", "convert", "eval")
 
 
 class CommandError(Exception):

@@ -54,13 +54,20 @@ def default_component_name(model: nn.Module) -> str:
     return cls.lower()
 
 
+def unwrap_compiled(module: Any) -> Any:
+    """The model inside a ``torch.compile`` wrapper (module paths and adapters live there)."""
+    return getattr(module, "_orig_mod", module) if isinstance(module, nn.Module) else module
+
+
 def _adapted_components(target: Any, component: str | None) -> dict[str, nn.Module]:
     if is_pipeline(target):
         found = {}
         for name, module in target.components.items():
+            module = unwrap_compiled(module)
             if isinstance(module, nn.Module) and adapter_configs(module):
                 found[name] = module
         return found
+    target = unwrap_compiled(target)
     return {component or default_component_name(target): target}
 
 
@@ -176,7 +183,7 @@ def parse_metadata(metadata: dict[str, str], name: str) -> dict[str, AdapterConf
 
 def _resolve_component(target: Any, comp: str, n_components: int, component: str | None, name: str) -> nn.Module:
     if is_pipeline(target):
-        module = getattr(target, comp, None)
+        module = unwrap_compiled(getattr(target, comp, None))
         if not isinstance(module, nn.Module):
             raise AdapterFileError(f"{name}: adapter is for component {comp!r}, which this pipeline does not have")
         return module
@@ -184,7 +191,7 @@ def _resolve_component(target: Any, comp: str, n_components: int, component: str
         raise AdapterFileError(
             f"{name}: the file holds several components; pass component=... or load it into the pipeline"
         )
-    return target
+    return unwrap_compiled(target)
 
 
 def load_adapter(
@@ -196,14 +203,39 @@ def load_adapter(
     """Load an adapter file into a pipeline (its unet / transformer / text encoders / controlnet)
     or a model.  Everything is validated first; on any error the target is left unchanged."""
     name = Path(path).name
-    tensors, metadata = read_adapter_file(path)
-    configs = parse_metadata(metadata, name)
+    tensors, configs = _read_for_loading(pipeline_or_model, path, component)
+    return _load_tensors(pipeline_or_model, tensors, configs, name, adapter_name, component)
+
+
+def _read_for_loading(target: Any, path: str | os.PathLike, component: str | None):
+    """(tensors, configs) of our own files; PEFT folders / files and kohya / LyCORIS files are
+    converted on the fly by ``diffusion_oft.convert`` (against ``target``, still unchanged)."""
+    if not Path(path).is_dir():
+        tensors, metadata = read_adapter_file(path)
+        if metadata.get("format") == FORMAT_NAME:
+            return tensors, parse_metadata(metadata, Path(path).name)
+    from .convert import read_adapter  # lazy: convert builds on this module
+
+    native = read_adapter(path, target, component)
+    return native.tensors, native.configs
+
+
+def _load_tensors(
+    pipeline_or_model: Any,
+    tensors: dict[str, torch.Tensor],
+    configs: dict[str, AdapterConfig],
+    name: str,
+    adapter_name: str = "default",
+    component: str | None = None,
+) -> Any:
+    """Validate ``tensors`` / ``configs`` against the target, then add and fill the adapter(s)."""
     if not configs:
         raise AdapterFileError(f"{name}: adapter_config lists no component")
     if component is not None and not is_pipeline(pipeline_or_model):
         if component not in configs:
             raise AdapterFileError(f"{name}: no component {component!r} in the file (it has {sorted(configs)})")
         configs = {component: configs[component]}
+        tensors = {k: v for k, v in tensors.items() if k.startswith(component + ".")}  # the other parts stay out
     plan = []
     remaining = set(tensors)
     for comp, config in configs.items():

@@ -93,6 +93,7 @@ def add_adapter(model: nn.Module, config: AdapterConfig, adapter_name: str = "de
             setattr(parent, child, layer)
         method = method_cls(target.in_features, target.out_features, config)
         layer.add_adapter(adapter_name, method)
+        layer.train(layer.base_layer.training)  # new modules start in train mode; follow the model (eval: cache)
     for layer in ortho_layers(model):  # only the new adapter trains; earlier ones are frozen too
         if adapter_name in layer.ortho_adapters:
             layer.ortho_adapters[adapter_name].requires_grad_(True)

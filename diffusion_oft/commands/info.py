@@ -6,7 +6,7 @@ import json
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("info", help="print an adapter file's method, config, targets and size")
+    p = subparsers.add_parser("info", help="print an adapter file's method, config, targets, size and base-model hints")
     p.add_argument("file", help="adapter .safetensors file")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=run)
@@ -14,8 +14,12 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from ..files import adapter_info
+    from ..inference import base_model_hints
 
     info = adapter_info(args.file)
+    hints = base_model_hints(args.file)
+    for comp, data in info["components"].items():
+        data["base_model_hint"] = hints.get(comp)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -32,7 +36,9 @@ def run(args) -> int:
             f"on {cfg['attention']} attention; {data['num_layers']} layers"
         )
         print(f"    parameters: {data['num_parameters']:,}")
-        if base:
+        if data["base_model_hint"]:
+            print(f"    base model: {data['base_model_hint']}")
+        elif base:
             hint = f" from {base['name_or_path']}" if base.get("name_or_path") else ""
             print(f"    base model: {base.get('class', '?')}{hint}")
     return 0

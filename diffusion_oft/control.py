@@ -1,0 +1,261 @@
+"""Controllable generation with orthogonal adapters: the condition encoder and the ``conv_in`` hook.
+
+The OFT/BOFT control setup: a small trainable condition encoder (ControlNet's hint encoder: convs
+3→16→16→32→32→96→96→256→<first UNet width> with SiLU, the last conv zero-initialised) turns the
+condition image into features at the latent resolution, which are added once to the output of the
+UNet's ``conv_in``; orthogonal adapters on the UNet's attention learn to use them.  Zero init means
+the model starts exactly as the base model.
+
+Files: the adapter is a normal diffusion-oft adapter file (``adapter.safetensors``); the encoder goes
+next to it in ``condition_encoder.safetensors`` (tensors + its config in the metadata, and the
+SHA-256 of the adapter file it was trained with).  The adapter file's metadata names the encoder
+file.  ``save_control`` / ``load_control`` write and read the pair and check that they belong together.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+ENCODER_FILE = "condition_encoder.safetensors"
+ENCODER_FORMAT = "diffusion-oft-condition-encoder"
+HINT_CHANNELS = (16, 32, 96, 256)  # ControlNet's conditioning_embedding_out_channels
+
+
+def default_channels(downscale_factor: int) -> tuple[int, ...]:
+    """ControlNet's widths, one fewer stage per missing factor of 2 (factor 8: 16, 32, 96, 256)."""
+    stages = int(round(math.log2(downscale_factor)))
+    if 2**stages != downscale_factor:
+        raise ValueError(f"downscale_factor must be a power of 2, got {downscale_factor}")
+    if stages < len(HINT_CHANNELS):
+        return HINT_CHANNELS[: stages + 1]
+    return HINT_CHANNELS + (HINT_CHANNELS[-1],) * (stages + 1 - len(HINT_CHANNELS))
+
+
+class ConditionEncoder(ModelMixin, ConfigMixin):
+    """Condition image (B, C, H, W) in [0, 1] -> features (B, out_channels, H/f, W/f), f = downscale_factor.
+
+    Layout (f = 8, SD): conv 3→16, then per stage a conv c→c and a stride-2 conv c→c', all 3×3 with
+    SiLU (16→16→32→32→96→96→256), then a zero-initialised 3×3 conv to ``out_channels``.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        out_channels: int = 320,
+        conditioning_channels: int = 3,
+        downscale_factor: int = 8,
+        block_out_channels: tuple[int, ...] | None = None,
+    ):
+        super().__init__()
+        channels = tuple(block_out_channels or default_channels(downscale_factor))
+        if len(channels) - 1 != int(round(math.log2(downscale_factor))):
+            raise ValueError(
+                f"block_out_channels {channels} gives {len(channels) - 1} downsamplings, "
+                f"but downscale_factor {downscale_factor} needs {int(round(math.log2(downscale_factor)))}"
+            )
+        self.conv_in = nn.Conv2d(conditioning_channels, channels[0], 3, padding=1)
+        self.blocks = nn.ModuleList()
+        for c_in, c_out in zip(channels[:-1], channels[1:], strict=True):
+            self.blocks.append(nn.Conv2d(c_in, c_in, 3, padding=1))
+            self.blocks.append(nn.Conv2d(c_in, c_out, 3, padding=1, stride=2))
+        self.conv_out = nn.Conv2d(channels[-1], out_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, condition: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.silu(self.conv_in(condition.to(self.conv_in.weight.dtype)))
+        for conv in self.blocks:
+            x = nn.functional.silu(conv(x))
+        return self.conv_out(x)
+
+
+def condition_encoder_for(unet: nn.Module, vae_scale_factor: int, **kwargs) -> ConditionEncoder:
+    """An encoder whose output fits ``unet``'s conv_in (first block width) at the latent resolution."""
+    return ConditionEncoder(out_channels=unet.config.block_out_channels[0], downscale_factor=vae_scale_factor, **kwargs)
+
+
+# ---- the conv_in hook -------------------------------------------------------------------------------
+class ControlState:
+    """What the hook adds: ``features`` (B, C, h, w) times ``scale``; nothing while features is None."""
+
+    def __init__(self):
+        self.features: torch.Tensor | None = None
+        self.scale: float = 1.0
+        self.handle = None
+
+
+def attach_control(unet: nn.Module) -> ControlState:
+    """Install (once) the forward hook on ``unet.conv_in`` that adds the control features."""
+    state = getattr(unet, "_ortho_control", None)
+    if state is not None:
+        return state
+    if not hasattr(unet, "conv_in"):
+        raise ValueError(f"{type(unet).__name__} has no conv_in; expected a UNet2DConditionModel")
+    state = ControlState()
+
+    def hook(module, inputs, output):
+        feats = state.features
+        if feats is None or state.scale == 0:
+            return output
+        if feats.shape[-2:] != output.shape[-2:] or feats.shape[1] != output.shape[1]:
+            raise ValueError(
+                f"control features {tuple(feats.shape[1:])} do not fit conv_in's output {tuple(output.shape[1:])}: "
+                "the condition image must have the size of the generated image"
+            )
+        if feats.shape[0] != output.shape[0]:
+            if output.shape[0] % feats.shape[0]:
+                raise ValueError(f"control batch {feats.shape[0]} does not divide the UNet batch {output.shape[0]}")
+            # classifier-free guidance: the same condition for both branches
+            feats = feats.repeat(output.shape[0] // feats.shape[0], 1, 1, 1)
+        return output + state.scale * feats.to(output.dtype)
+
+    state.handle = unet.conv_in.register_forward_hook(hook)
+    object.__setattr__(unet, "_ortho_control", state)
+    return state
+
+
+def detach_control(unet: nn.Module) -> None:
+    state = getattr(unet, "_ortho_control", None)
+    if state is not None:
+        state.handle.remove()
+        object.__delattr__(unet, "_ortho_control")
+
+
+class ControlledUNet(nn.Module):
+    """UNet + condition encoder as one module (one DDP wrapper in training)."""
+
+    def __init__(self, unet: nn.Module, encoder: ConditionEncoder):
+        super().__init__()
+        self.unet = unet
+        self.encoder = encoder
+        self.state = attach_control(unet)
+
+    def forward(self, sample, timestep, encoder_hidden_states, condition, control_scale: float = 1.0, **kwargs):
+        self.state.features = self.encoder(condition)
+        self.state.scale = control_scale
+        try:
+            return self.unet(sample, timestep, encoder_hidden_states, **kwargs)
+        finally:
+            self.state.features = None
+            self.state.scale = 1.0
+
+
+# ---- files -----------------------------------------------------------------------------------------
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_condition_encoder(
+    encoder: ConditionEncoder, path: str | os.PathLike, paired_adapter: str | os.PathLike | None = None,
+    extra_metadata: dict[str, str] | None = None,
+) -> Path:
+    """Write the encoder (float32 tensors, config in the metadata, the paired adapter's SHA-256)."""
+    from .files import atomic_save_file
+
+    path = Path(path)
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in encoder.state_dict().items()}
+    metadata = {
+        "format": ENCODER_FORMAT,
+        "format_version": "1",
+        "config": json.dumps({k: v for k, v in encoder.config.items() if not k.startswith("_")}, default=list),
+        **(extra_metadata or {}),
+    }
+    if paired_adapter is not None:
+        metadata["paired_adapter"] = Path(paired_adapter).name
+        metadata["paired_adapter_sha256"] = file_sha256(paired_adapter)
+    atomic_save_file(tensors, path, metadata)
+    return path
+
+
+def load_condition_encoder(path: str | os.PathLike) -> tuple[ConditionEncoder, dict[str, str]]:
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such condition encoder file")
+    with safe_open(str(path), framework="pt") as f:
+        metadata = dict(f.metadata() or {})
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if metadata.get("format") != ENCODER_FORMAT:
+        raise ValueError(f"{path.name}: not a diffusion-oft condition encoder (format={metadata.get('format')!r})")
+    config = json.loads(metadata["config"])
+    if config.get("block_out_channels") is not None:
+        config["block_out_channels"] = tuple(config["block_out_channels"])
+    encoder = ConditionEncoder(**config)
+    missing, unexpected = encoder.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path.name}: tensors do not match the encoder config (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    return encoder.eval(), metadata
+
+
+def save_control(
+    components: Any, encoder: ConditionEncoder, directory: str | os.PathLike, adapter_name: str = "default",
+    extra_metadata: dict[str, str] | None = None,
+) -> tuple[Path, Path]:
+    """adapter.safetensors + condition_encoder.safetensors in ``directory`` (a model or pipeline-like object)."""
+    from .files import save_adapter
+
+    directory = Path(directory)
+    meta = {"condition_encoder": ENCODER_FILE, **(extra_metadata or {})}
+    adapter = save_adapter(
+        components, directory / "adapter.safetensors", adapter_name=adapter_name, extra_metadata=meta
+    )
+    enc = save_condition_encoder(encoder, directory / ENCODER_FILE, paired_adapter=adapter,
+                                 extra_metadata=extra_metadata)
+    return adapter, enc
+
+
+def control_files(path: str | os.PathLike) -> tuple[Path, Path]:
+    """(adapter file, encoder file) from a folder or from the adapter file (which names its encoder)."""
+    from .files import read_adapter_file
+
+    path = Path(path)
+    adapter = path / "adapter.safetensors" if path.is_dir() else path
+    if not adapter.is_file():
+        raise FileNotFoundError(f"{adapter}: no such adapter file")
+    _, metadata = read_adapter_file(adapter)
+    name = metadata.get("condition_encoder")
+    if not name:
+        raise ValueError(f"{adapter.name}: this adapter was not trained with a condition encoder (no pairing)")
+    return adapter, adapter.parent / name
+
+
+def load_control(
+    pipe_or_unet: Any, path: str | os.PathLike, adapter_name: str = "default", check_pairing: bool = True
+) -> ConditionEncoder:
+    """Load the adapter into the pipeline (or UNet) and return the paired condition encoder, with the
+    conv_in hook installed on the UNet.  Refuses an encoder trained with another adapter file."""
+    from .files import load_adapter
+
+    adapter, enc_path = control_files(path)
+    encoder, metadata = load_condition_encoder(enc_path)
+    if check_pairing and metadata.get("paired_adapter_sha256") not in (None, file_sha256(adapter)):
+        raise ValueError(
+            f"{enc_path.name} was trained with another {metadata.get('paired_adapter', 'adapter')} "
+            "(SHA-256 differs); keep the files of one training run together, or pass check_pairing=False"
+        )
+    unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
+    if unet.config.block_out_channels[0] != encoder.config.out_channels:
+        raise ValueError(
+            f"{enc_path.name}: encoder width {encoder.config.out_channels} does not fit this UNet's conv_in "
+            f"({unet.config.block_out_channels[0]})"
+        )
+    load_adapter(pipe_or_unet if hasattr(pipe_or_unet, "unet") else unet, adapter, adapter_name=adapter_name,
+                 **({} if hasattr(pipe_or_unet, "unet") else {"component": "unet"}))
+    attach_control(unet)
+    return encoder.to(unet.device)  # float32: a few MB; the pipeline casts its output

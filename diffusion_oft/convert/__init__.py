@@ -1,0 +1,164 @@
+"""Converters between diffusion-oft adapters and the formats other tools read.
+
+* ``peft``: PEFT OFT / BOFT adapter folders (input side), both ways.
+* ``kohya``: kohya / LyCORIS ``oft_blocks`` files for ComfyUI / A1111 (output side), both ways;
+  kohya's newer PEFT-style ``oft_R.weight`` / ``boft_R`` files are read too.
+* ``diff``: full weight deltas per adapted layer (``<kohya name>.diff``), any method, exact.
+* ``merged``: a diffusers model or pipeline folder with the adapter folded into the weights.
+
+``read_adapter(path)`` detects the format from the keys; ``load_adapter`` (diffusion_oft.files)
+uses it, so PEFT and kohya/LyCORIS files load directly.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..files import (
+    COMPONENT_NAMES,
+    FORMAT_NAME,
+    AdapterFileError,
+    _load_tensors,
+    default_component_name,
+    is_pipeline,
+    read_adapter_file,
+)
+from .common import ConversionError, ConversionWarning, NativeAdapter, linear_dims, read_native, save_native
+from .full import write_diff, write_merged
+from .kohya import is_kohya_key, kohya_key_names, kohya_name, kohya_to_native, write_kohya
+from .peft import WEIGHTS_NAME, is_peft_key, native_to_peft, peft_to_native, read_peft
+
+__all__ = [
+    "ConversionError",
+    "ConversionWarning",
+    "NativeAdapter",
+    "FORMATS",
+    "convert",
+    "detect_format",
+    "kohya_key_names",
+    "kohya_name",
+    "load_native",
+    "read_adapter",
+]
+
+FORMATS = ("peft", "kohya", "diff", "merged", "diffusion-oft")
+
+
+def detect_format(keys, metadata: dict[str, str] | None = None) -> str:
+    """'diffusion-oft', 'peft' or 'kohya' from a file's keys (and metadata); AdapterFileError otherwise."""
+    keys = list(keys)
+    if (metadata or {}).get("format") == FORMAT_NAME:
+        return "diffusion-oft"
+    if not keys:
+        raise AdapterFileError("the file holds no tensors")
+    if all(is_kohya_key(k) for k in keys):
+        return "kohya"
+    if all(is_peft_key(k) for k in keys):
+        return "peft"
+    sample = next((k for k in keys if not is_kohya_key(k) and not is_peft_key(k)), keys[0])
+    hint = ""
+    if any(s in sample for s in ("lora_A", "lora_B", "lora_up", "lora_down")):
+        hint = " (a LoRA file, not an orthogonal adapter)"
+    if sample.rpartition(".")[2] in ("skew", "u_in", "u_out", "v_in", "v_out", "magnitude"):
+        hint = " (diffusion-oft tensor names, but the file's metadata is missing)"
+    raise AdapterFileError(
+        f"not a diffusion-oft adapter, nor a PEFT or kohya/LyCORIS OFT/BOFT file: key {sample!r}{hint}"
+    )
+
+
+def _candidates(target: Any, component: str | None) -> dict[str, nn.Module] | None:
+    if target is None:
+        return None
+    if is_pipeline(target):
+        found = {}
+        for comp in COMPONENT_NAMES:
+            module = getattr(target, comp, None)
+            if isinstance(module, nn.Module):
+                found[comp] = module
+        return found
+    return {component or default_component_name(target): target}
+
+
+def read_adapter(path: str | os.PathLike, target: Any = None, component: str | None = None) -> NativeAdapter:
+    """Any supported adapter (file, or PEFT folder) -> NativeAdapter.
+
+    target: the model or pipeline the adapter is for, when at hand; it maps kohya names to module
+    paths exactly, picks the component of PEFT files and supplies layer sizes.
+    """
+    path = Path(path)
+    name = path.name
+    if path.is_dir():
+        if not (path / WEIGHTS_NAME).is_file():
+            raise AdapterFileError(f"{path}: a folder, but not a PEFT adapter folder (no {WEIGHTS_NAME})")
+        tensors, peft_config, _ = read_peft(path)
+        return peft_to_native(tensors, peft_config, name, _candidates(target, component))
+    tensors, metadata = read_adapter_file(path)
+    try:
+        fmt = detect_format(tensors, metadata)
+    except AdapterFileError as err:
+        raise AdapterFileError(f"{name}: {err}") from None
+    if fmt == "diffusion-oft":
+        return read_native(path)
+    if fmt == "peft":
+        tensors, peft_config, _ = read_peft(path)
+        return peft_to_native(tensors, peft_config, name, _candidates(target, component))
+    only = component if target is not None and not is_pipeline(target) else None
+    return kohya_to_native(tensors, metadata, name, _candidates(target, component), only)
+
+
+def load_native(target: Any, native: NativeAdapter, adapter_name: str = "default", component: str | None = None):
+    """Load a NativeAdapter into a pipeline or model (validated before anything changes)."""
+    configs = dict(native.configs)
+    tensors = native.tensors
+    if not is_pipeline(target) and len(configs) == 1 and component is None:
+        component = next(iter(configs))
+    return _load_tensors(target, tensors, configs, f"{native.source_format} adapter", adapter_name, component)
+
+
+def _layer_dims(target: Any, native: NativeAdapter) -> dict[str, dict[str, tuple[int, int]]]:
+    if target is None:
+        return {}
+    if is_pipeline(target):
+        comps = [c for c in native.configs if isinstance(getattr(target, c, None), nn.Module)]
+        return {c: linear_dims(getattr(target, c)) for c in comps}
+    return {c: linear_dims(target) for c in native.configs}
+
+
+def convert(
+    src: str | os.PathLike,
+    to: str,
+    dst: str | os.PathLike,
+    model: str | os.PathLike | Any | None = None,
+    dtype: str = "auto",
+) -> Path:
+    """Convert an adapter (any readable format) to ``to`` in ``dst``.
+
+    model: the base model (a diffusers pipeline / model folder or hub id, or a loaded pipeline /
+    model); needed for ``diff`` and ``merged``, optional otherwise (exact kohya names, layer sizes).
+    """
+    if to not in FORMATS:
+        raise ConversionError(f"unknown target format {to!r}; choose from {', '.join(FORMATS)}")
+    target = model
+    if isinstance(model, (str, os.PathLike)) and to != "merged":
+        from .full import load_base
+
+        target = load_base(model, read_adapter(src))
+    native = read_adapter(src, target)
+    if to == "peft":
+        native_to_peft(native, dst, _layer_dims(target, native))
+        return Path(dst)
+    if to == "kohya":
+        return write_kohya(native, dst)
+    if to == "diffusion-oft":
+        return save_native(native.tensors, native.configs, dst, native.base_model)
+    if model is None:
+        raise ConversionError(f"--to {to} needs the base model (--model PATH_OR_HUB_ID)")
+    if to == "diff":
+        return write_diff(native, target, dst, dtype)
+    if not isinstance(model, (str, os.PathLike)):
+        raise ConversionError("--to merged takes the base model's folder or hub id (it saves a full copy)")
+    return write_merged(native, model, dst)

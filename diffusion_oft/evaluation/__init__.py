@@ -1,0 +1,1 @@
+"""Evaluation: control fidelity (edge IoU / F1, as in the OFT paper)."""

@@ -1,0 +1,321 @@
+"""Command-line arguments of the training scripts (flag names of diffusers' own example scripts).
+
+``dreambooth_parser()`` / ``control_parser()`` build the parsers used by ``train_scripts/*.py`` and by
+``diffusion-oft train dreambooth|control``; ``finalize_args`` fills the per-method defaults (from the
+papers) and checks every input, raising ``ValueError`` with a one-line, actionable message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from pathlib import Path
+
+METHODS = ("oft", "boft", "ether", "ether_plus")
+
+# Defaults per method, from the papers' Stable Diffusion settings (see README, "Train a subject").
+#   OFT  (Qiu et al. 2023): r = 4 blocks, lr 6e-5, ~1000 steps at batch 1.
+#   BOFT (Liu et al. 2024; reference DreamBooth scripts): 8 blocks, lr 3e-5, dropout 0.1, ~1000 steps;
+#        m = 2 butterfly factors (m = 1 would be plain OFT).
+#   ETHER / ETHER+ (Bini et al. 2024): n = 4 blocks (any n: same parameter count), lr 6e-3,
+#        weight decay 0, ~1200 steps.
+DREAMBOOTH_DEFAULTS: dict[str, dict] = {
+    "oft": dict(num_blocks=4, learning_rate=6e-5, max_train_steps=1000, adam_weight_decay=1e-2, adapter_dropout=0.0),
+    "boft": dict(
+        num_blocks=8, n_butterfly_factors=2, learning_rate=3e-5, max_train_steps=1000,
+        adam_weight_decay=1e-2, adapter_dropout=0.1,
+    ),
+    "ether": dict(num_blocks=4, learning_rate=6e-3, max_train_steps=1200, adam_weight_decay=0.0, adapter_dropout=0.0),
+    "ether_plus": dict(
+        num_blocks=4, learning_rate=6e-3, max_train_steps=1200, adam_weight_decay=0.0, adapter_dropout=0.0
+    ),
+}
+# Control: OFT paper lr 1e-5 (encoder too); ETHER control lr 1e-3 with the encoder at <= 1e-4 and the
+# feed-forward projections adapted as well.
+CONTROL_DEFAULTS: dict[str, dict] = {
+    "oft": dict(num_blocks=4, learning_rate=1e-5, adam_weight_decay=1e-2, adapter_dropout=0.0, train_ff=False),
+    "boft": dict(
+        num_blocks=8, n_butterfly_factors=2, learning_rate=1e-5, adam_weight_decay=1e-2, adapter_dropout=0.0,
+        train_ff=False,
+    ),
+    "ether": dict(num_blocks=4, learning_rate=1e-3, adam_weight_decay=0.0, adapter_dropout=0.0, train_ff=True),
+    "ether_plus": dict(num_blocks=4, learning_rate=1e-3, adam_weight_decay=0.0, adapter_dropout=0.0, train_ff=True),
+}
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+FF_TARGETS = ("ff.net.0.proj", "ff.net.2")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--pretrained_model_name_or_path", required=True,
+                   help="base model: a hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5) or a local folder")
+    g.add_argument("--revision", default=None, help="revision of the base model on the hub")
+    g.add_argument("--variant", default=None, help="weights variant of the base model, e.g. fp16")
+    g.add_argument("--pretrained_vae_model_name_or_path", default=None,
+                   help="another VAE (e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16)")
+
+
+def _add_adapter_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("adapter")
+    g.add_argument("--method", default="oft", choices=METHODS, help="orthogonal adapter method (default: oft)")
+    g.add_argument("--block_size", type=int, default=None, help="block size b (give this or --num_blocks)")
+    g.add_argument("--num_blocks", type=int, default=None,
+                   help="number of blocks n per layer (default per method: oft 4, boft 8, ether/ether_plus 4)")
+    g.add_argument("--n_butterfly_factors", type=int, default=None, help="BOFT's m (default 2)")
+    g.add_argument("--coft_eps", type=float, default=None,
+                   help="COFT radius on each block's |S|_F, applied after every step (oft/boft; default off)")
+    g.add_argument("--target_modules", nargs="+", default=None,
+                   help="attention projections to adapt (default: to_q to_k to_v to_out.0)")
+    g.add_argument("--attention", default="all", choices=["self", "cross", "all"],
+                   help="which attention modules' projections get adapters (default: all)")
+    g.add_argument("--adapter_dropout", type=float, default=None,
+                   help="multiplicative block dropout of the adapter (default: boft 0.1, others 0)")
+    g.add_argument("--cayley_mode", default="exact", choices=["exact", "neumann"],
+                   help="Cayley transform of oft/boft: exact solve or Neumann series (OFTv2)")
+    g.add_argument("--adapter_name", default="default", help="name of the adapter inside the file")
+
+
+def _add_training_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--output_dir", default="diffusion-oft-model", help="where the adapter, samples and checkpoints go")
+    g.add_argument("--seed", type=int, default=0, help="seed of data order, noise, validation (default 0)")
+    g.add_argument("--resolution", type=int, default=512, help="training resolution in pixels (divisible by 8)")
+    g.add_argument("--center_crop", action="store_true", help="center crop instead of a random crop")
+    g.add_argument("--train_batch_size", type=int, default=1, help="batch size per device")
+    g.add_argument("--max_train_steps", type=int, default=None, help="optimizer steps (default per method)")
+    g.add_argument("--num_train_epochs", type=int, default=None,
+                   help="epochs over the data; used only when --max_train_steps is not given")
+    g.add_argument("--checkpointing_steps", type=int, default=500,
+                   help="save accelerate state + adapter to checkpoint-<step> every N steps")
+    g.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep at most this many checkpoints")
+    g.add_argument("--resume_from_checkpoint", default=None,
+                   help='a checkpoint-<step> folder (or its name in --output_dir), or "latest"')
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--gradient_checkpointing", action="store_true", help="trade compute for memory")
+    g.add_argument("--learning_rate", type=float, default=None, help="learning rate (default per method)")
+    g.add_argument("--scale_lr", action="store_true",
+                   help="multiply the learning rate by accumulation steps x batch size x processes")
+    g.add_argument("--lr_scheduler", default="constant",
+                   help='"linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"')
+    g.add_argument("--lr_warmup_steps", type=int, default=0)
+    g.add_argument("--lr_num_cycles", type=int, default=1, help="cycles of cosine_with_restarts")
+    g.add_argument("--lr_power", type=float, default=1.0, help="power of the polynomial scheduler")
+    g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW")
+    g.add_argument("--adam_beta1", type=float, default=0.9)
+    g.add_argument("--adam_beta2", type=float, default=0.999)
+    g.add_argument("--adam_weight_decay", type=float, default=None, help="default: ether/ether_plus 0, others 1e-2")
+    g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
+                   help="default: accelerate's config (no)")
+    g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs")
+    g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
+    g.add_argument("--snr_gamma", type=float, default=None, help="min-SNR loss weighting (5.0 is common)")
+    g.add_argument("--noise_offset", type=float, default=0.0, help="noise offset (e.g. 0.05)")
+    g.add_argument("--dataloader_num_workers", type=int, default=0)
+    g.add_argument("--report_to", default="tensorboard", help='"tensorboard", "wandb", "all" or "none"')
+    g.add_argument("--logging_dir", default="logs", help="tensorboard folder, relative to --output_dir")
+
+
+def _add_validation_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("validation")
+    g.add_argument("--validation_prompt", nargs="+", default=None, help="prompt(s) for validation images")
+    g.add_argument("--num_validation_images", type=int, default=4)
+    g.add_argument("--validation_steps", type=int, default=100, help="validate every N steps (and at the end)")
+    g.add_argument("--num_inference_steps", type=int, default=25, help="denoising steps of validation images")
+    g.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance of validation")
+
+
+def dreambooth_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train_dreambooth.py",
+        description="Teach a subject to a text-to-image model with an orthogonal adapter (DreamBooth-style).",
+        add_help=add_help,
+    )
+    _add_model_args(p)
+    g = p.add_argument_group("data")
+    g.add_argument("--instance_data_dir", required=True, help="folder with the subject's photos")
+    g.add_argument("--instance_prompt", required=True, help='e.g. "a photo of sks dog"')
+    g.add_argument("--class_data_dir", default=None, help="folder of class images (generated when too few)")
+    g.add_argument("--class_prompt", default=None, help='e.g. "a photo of a dog"')
+    g.add_argument("--with_prior_preservation", action="store_true", help="add the prior-preservation loss")
+    g.add_argument("--prior_loss_weight", type=float, default=1.0)
+    g.add_argument("--num_class_images", type=int, default=100,
+                   help="class images wanted; missing ones are generated with the base model")
+    g.add_argument("--sample_batch_size", type=int, default=4, help="batch size when generating class images")
+    g.add_argument("--class_inference_steps", type=int, default=25, help="denoising steps of class images")
+    g.add_argument("--train_text_encoder", action="store_true",
+                   help="also put the adapter on the text encoder(s)' q/k/v/out projections")
+    g.add_argument("--text_encoder_lr", type=float, default=None, help="default: --learning_rate")
+    _add_adapter_args(p)
+    _add_training_args(p)
+    _add_validation_args(p)
+    return p
+
+
+def control_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train_control.py",
+        description="Teach a text-to-image model to follow a spatial condition with orthogonal adapters.",
+        add_help=add_help,
+    )
+    _add_model_args(p)
+    g = p.add_argument_group("control")
+    g.add_argument("--control_mode", default="encoder", choices=["encoder", "controlnet"],
+                   help="encoder: condition encoder after conv_in + adapters on the UNet (papers' setup); "
+                   "controlnet: a ControlNetModel whose attention carries the adapters")
+    g.add_argument("--controlnet_model_name_or_path", default=None,
+                   help="controlnet mode: start from this pretrained ControlNet (default: a copy of the UNet)")
+    g.add_argument("--condition", default="none", choices=["none", "canny", "sketch", "grayscale"],
+                   help="build the condition from the target image on the fly (none: read it from the data)")
+    g.add_argument("--canny_low_threshold", type=float, default=100.0)
+    g.add_argument("--canny_high_threshold", type=float, default=200.0)
+    g.add_argument("--train_ff", action=argparse.BooleanOptionalAction, default=None,
+                   help="also adapt the feed-forward projections (default: on for ether/ether_plus)")
+    g.add_argument("--encoder_learning_rate", type=float, default=None,
+                   help="learning rate of the condition encoder (default: min(--learning_rate, 1e-4))")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset_name", default=None, help="a datasets dataset: local path (save_to_disk) or hub name")
+    g.add_argument("--dataset_config_name", default=None)
+    g.add_argument("--train_data_dir", default=None, help="an image folder with metadata.jsonl")
+    g.add_argument("--image_column", default="image")
+    g.add_argument("--conditioning_image_column", default="conditioning_image")
+    g.add_argument("--caption_column", default="text")
+    g.add_argument("--max_train_samples", type=int, default=None)
+    g.add_argument("--proportion_empty_prompts", type=float, default=0.0,
+                   help="fraction of captions replaced by the empty prompt")
+    g.add_argument("--validation_image", nargs="+", default=None,
+                   help="condition image(s) for validation (or plain images with --condition)")
+    _add_adapter_args(p)
+    _add_training_args(p)
+    _add_validation_args(p)
+    p.set_defaults(checkpointing_steps=500, num_validation_images=2)
+    return p
+
+
+def adapter_config_from_args(args, targets=None, extra_targets=()):
+    """The AdapterConfig the flags describe (``targets`` overrides --target_modules)."""
+    from ..config import DEFAULT_TARGETS, AdapterConfig
+
+    structure = {}
+    if args.block_size is not None:
+        structure["block_size"] = args.block_size
+    else:
+        structure["num_blocks"] = args.num_blocks
+    return AdapterConfig(
+        method=args.method,
+        **structure,
+        n_butterfly_factors=args.n_butterfly_factors if args.method == "boft" else 1,
+        target_modules=tuple(targets or args.target_modules or DEFAULT_TARGETS),
+        extra_target_modules=tuple(extra_targets),
+        attention=args.attention if targets is None else "all",
+        coft_eps=args.coft_eps,
+        cayley_mode=args.cayley_mode,
+        dropout=args.adapter_dropout,
+    )
+
+
+def _check_positive(args, *names: str) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise ValueError(f"--{name} must be > 0, got {value}")
+
+
+def finalize_args(args, task: str = "dreambooth"):
+    """Fill per-method defaults and check the inputs (ValueError with a one-line message)."""
+    defaults = (DREAMBOOTH_DEFAULTS if task == "dreambooth" else CONTROL_DEFAULTS)[args.method]
+    env_rank = int(os.environ.get("LOCAL_RANK", -1))
+    if env_rank != -1:
+        args.local_rank = env_rank
+    if args.block_size is None and args.num_blocks is None:
+        args.num_blocks = defaults["num_blocks"]
+    if args.n_butterfly_factors is None:
+        args.n_butterfly_factors = defaults.get("n_butterfly_factors", 1) if args.method == "boft" else 1
+    elif args.method != "boft" and args.n_butterfly_factors != 1:
+        raise ValueError(f"--n_butterfly_factors applies to --method boft only (got --method {args.method})")
+    if args.coft_eps is not None and args.method not in ("oft", "boft"):
+        raise ValueError("--coft_eps applies to --method oft or boft only")
+    for name in ("learning_rate", "adam_weight_decay", "adapter_dropout"):
+        if getattr(args, name) is None:
+            setattr(args, name, defaults[name])
+    if hasattr(args, "train_ff") and args.train_ff is None:
+        args.train_ff = defaults["train_ff"]
+    if args.max_train_steps is None and args.num_train_epochs is None:
+        args.max_train_steps = defaults.get("max_train_steps")
+        if args.max_train_steps is None:
+            args.num_train_epochs = 1
+    _check_positive(
+        args, "resolution", "train_batch_size", "max_train_steps", "num_train_epochs", "checkpointing_steps",
+        "checkpoints_total_limit", "gradient_accumulation_steps", "learning_rate", "validation_steps",
+        "num_validation_images", "num_inference_steps", "block_size", "num_blocks",
+    )
+    if args.resolution % 8:
+        lo, hi = args.resolution // 8 * 8, args.resolution // 8 * 8 + 8
+        raise ValueError(f"--resolution must be divisible by 8, got {args.resolution} (try {lo or hi} or {hi})")
+    if args.lr_warmup_steps < 0:
+        raise ValueError(f"--lr_warmup_steps must be >= 0, got {args.lr_warmup_steps}")
+    if not 0.0 <= args.adapter_dropout < 1.0:
+        raise ValueError(f"--adapter_dropout must be in [0, 1), got {args.adapter_dropout}")
+    if args.dataloader_num_workers < 0:
+        raise ValueError("--dataloader_num_workers must be >= 0")
+    if args.report_to not in ("tensorboard", "wandb", "all", "none", "comet_ml", "mlflow"):
+        raise ValueError(f"--report_to must be tensorboard, wandb, all or none, got {args.report_to!r}")
+    if args.snr_gamma is not None and args.snr_gamma <= 0:
+        raise ValueError(f"--snr_gamma must be > 0, got {args.snr_gamma}")
+    if task == "dreambooth":
+        _finalize_dreambooth(args)
+    else:
+        _finalize_control(args)
+    return args
+
+
+def _finalize_dreambooth(args) -> None:
+    from .data import list_images
+
+    list_images(args.instance_data_dir, "--instance_data_dir")  # every file checked before any model loads
+    if args.with_prior_preservation:
+        if args.class_data_dir is None:
+            raise ValueError("--with_prior_preservation needs --class_data_dir (missing class images are generated)")
+        if args.class_prompt is None:
+            raise ValueError('--with_prior_preservation needs --class_prompt (e.g. "a photo of a dog")')
+        if args.num_class_images < 1:
+            raise ValueError(f"--num_class_images must be >= 1, got {args.num_class_images}")
+        if args.sample_batch_size < 1:
+            raise ValueError(f"--sample_batch_size must be >= 1, got {args.sample_batch_size}")
+        if Path(args.class_data_dir).exists() and not Path(args.class_data_dir).is_dir():
+            raise ValueError(f"--class_data_dir {args.class_data_dir}: not a folder")
+    if args.text_encoder_lr is None:
+        args.text_encoder_lr = args.learning_rate
+
+
+def _finalize_control(args) -> None:
+    if args.dataset_name is None and args.train_data_dir is None:
+        raise ValueError("give --train_data_dir (image folder with metadata.jsonl) or --dataset_name")
+    if args.dataset_name is not None and args.train_data_dir is not None:
+        raise ValueError("give --train_data_dir or --dataset_name, not both")
+    if args.train_data_dir is not None and not Path(args.train_data_dir).is_dir():
+        raise ValueError(f"--train_data_dir {args.train_data_dir}: no such folder")
+    if not 0.0 <= args.proportion_empty_prompts <= 1.0:
+        raise ValueError(f"--proportion_empty_prompts must be in [0, 1], got {args.proportion_empty_prompts}")
+    if args.encoder_learning_rate is None:
+        args.encoder_learning_rate = min(args.learning_rate, 1e-4)
+    if args.controlnet_model_name_or_path and args.control_mode != "controlnet":
+        raise ValueError("--controlnet_model_name_or_path needs --control_mode controlnet")
+    if args.validation_prompt and args.validation_image:
+        n_p, n_i = len(args.validation_prompt), len(args.validation_image)
+        if n_p != n_i and 1 not in (n_p, n_i):
+            raise ValueError(
+                f"{n_i} --validation_image but {n_p} --validation_prompt: give one of each, or one of either"
+            )
+        for image in args.validation_image:
+            if not Path(image).is_file():
+                raise ValueError(f"--validation_image {image}: no such file")
+    elif args.validation_image and not args.validation_prompt:
+        raise ValueError("--validation_image needs --validation_prompt")
+
+
+def steps_per_epoch(num_examples: int, batch_size: int, num_processes: int, grad_accum: int) -> int:
+    """Optimizer steps that one pass over the data takes (at least 1)."""
+    return max(1, math.ceil(num_examples / (batch_size * num_processes * grad_accum)))

@@ -1,0 +1,370 @@
+"""The training loop shared by the DreamBooth and control scripts, on accelerate.
+
+Determinism: micro-batch k of the run (counted from step 0, across resumes) draws its data from
+``StreamBatchSampler`` and its noise, timesteps and VAE samples from a generator seeded with
+(seed, k, rank); the global torch RNG is re-seeded from the same values (adapter block dropout).
+So a run stopped at a checkpoint and resumed ends bit-identical (on CPU) to an uninterrupted one.
+
+Gradient accumulation is done here (``no_sync`` on the non-final micro-batches), and the lr
+scheduler is stepped once per optimizer step; only the trainable modules go through
+``accelerator.prepare`` (DDP).  Only the main process writes files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from ..files import read_adapter_file, save_adapter
+from ..model import adapter_configs, adapter_parameters, apply_constraints, ortho_layers
+from .checkpoints import checkpoint_step, prune_checkpoints, resolve_checkpoint, restore_adapter_values
+from .data import StreamBatchSampler, make_dataloader, mix_seed
+from .validation import log_images, save_grid
+
+logger = logging.getLogger("diffusion_oft.training")
+
+ADAPTER_FILE = "adapter.safetensors"
+
+
+def weight_dtype_of(mixed_precision: str | None) -> torch.dtype:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision or "no", torch.float32)
+
+
+def cast_trainable_to_fp32(module: nn.Module) -> None:
+    """Adapter parameters (and other trainable ones) stay float32 under fp16/bf16 weights."""
+    for param in module.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+
+
+class AdapterTrainer:
+    """Subclasses set up the models and data and say how a batch becomes a loss."""
+
+    task = "train"
+    project_name = "diffusion-oft"
+
+    def __init__(self, args):
+        self.args = args
+        self.accelerator = None
+        self.global_step = 0
+        self.history: list[dict] = []  # per optimizer step: {"step", "loss", "lr"}
+        self.outputs: dict[str, str] = {}
+
+    # ---- to implement ------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Load the models, add adapters, build ``self.dataset`` and ``self.collate_fn``."""
+        raise NotImplementedError
+
+    def adapted_components(self) -> dict[str, nn.Module]:
+        """{component name: unwrapped module carrying the adapter} (unet, text_encoder, ...)."""
+        raise NotImplementedError
+
+    def trainable_modules(self) -> list[nn.Module]:
+        """Modules with trainable parameters, in a fixed order (prepared for DDP)."""
+        raise NotImplementedError
+
+    def param_groups(self) -> list[dict]:
+        raise NotImplementedError
+
+    def compute_loss(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def validation_grid(self, final: bool):
+        """(grid image, list of images) or None when there is nothing to validate."""
+        return None
+
+    def write_model_card(self) -> None:
+        pass
+
+    def save_extra(self, directory: Path) -> None:
+        """Files besides the adapter (e.g. the condition encoder); main process only."""
+
+    def load_extra(self, directory: Path) -> None:
+        """Restore what ``save_extra`` wrote."""
+
+    def extra_metadata(self) -> dict[str, str]:
+        return {}
+
+    # ---- helpers -----------------------------------------------------------------------------------
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator is None or self.accelerator.is_main_process
+
+    def log(self, message: str) -> None:
+        if self.is_main:
+            print(message, flush=True)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.args.output_dir)
+
+    def unwrap(self, module: nn.Module) -> nn.Module:
+        return self.accelerator.unwrap_model(module) if self.accelerator else module
+
+    def save_adapter_file(self, path: Path) -> Path:
+        components = SimpleNamespace(components=self.adapted_components())
+        meta = {"training": json.dumps({"task": self.task, "step": self.global_step, **self.training_summary()})}
+        meta.update(self.extra_metadata())
+        return save_adapter(components, path, adapter_name=self.args.adapter_name, extra_metadata=meta)
+
+    def training_summary(self) -> dict:
+        a = self.args
+        return {
+            "base_model": a.pretrained_model_name_or_path,
+            "method": a.method,
+            "learning_rate": a.learning_rate,
+            "train_batch_size": a.train_batch_size,
+            "gradient_accumulation_steps": a.gradient_accumulation_steps,
+            "resolution": a.resolution,
+            "seed": a.seed,
+        }
+
+    # ---- checkpoint hooks --------------------------------------------------------------------------
+    def _save_hook(self, models, weights, output_dir):
+        # accelerate would write every prepared model in full: pop them and write the adapter instead.
+        while weights:
+            weights.pop()
+        if self.is_main:
+            self.save_adapter_file(Path(output_dir) / ADAPTER_FILE)
+            self.save_extra(Path(output_dir))
+
+    def _load_hook(self, models, input_dir):
+        while models:
+            models.pop()
+        tensors, _ = read_adapter_file(Path(input_dir) / ADAPTER_FILE)
+        for comp, module in self.adapted_components().items():
+            restore_adapter_values(module, tensors, f"{comp}.", self.args.adapter_name)
+        self.load_extra(Path(input_dir))
+
+    def save_checkpoint(self) -> Path | None:
+        path = self.output_dir / f"checkpoint-{self.global_step}"
+        if self.is_main:
+            for removed in prune_checkpoints(self.output_dir, self.args.checkpoints_total_limit):
+                logger.info("removed old checkpoint %s", removed)
+            self.accelerator.save_state(str(path))
+            self.log(f"saved {path}")
+        return path
+
+    # ---- the run -----------------------------------------------------------------------------------
+    def build_accelerator(self):
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
+
+        args = self.args
+        report_to = None if args.report_to == "none" else args.report_to
+        if report_to in ("tensorboard", "all"):
+            try:
+                import tensorboard  # noqa: F401
+            except ImportError:
+                if report_to == "all":
+                    raise ValueError("--report_to all needs tensorboard: pip install tensorboard") from None
+                print("tensorboard is not installed (pip install tensorboard): logging disabled", flush=True)
+                report_to = args.report_to = "none"
+        project_config = ProjectConfiguration(
+            project_dir=str(self.output_dir), logging_dir=str(self.output_dir / args.logging_dir)
+        )
+        accelerator = Accelerator(
+            mixed_precision=args.mixed_precision, log_with=report_to, project_config=project_config
+        )
+        if args.report_to in ("wandb", "all"):
+            try:
+                import wandb  # noqa: F401
+            except ImportError:
+                raise ValueError("--report_to wandb needs wandb: pip install wandb") from None
+        return accelerator
+
+    def make_optimizer(self, groups: list[dict]):
+        args = self.args
+        kwargs = dict(betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
+                      eps=args.adam_epsilon)
+        if args.use_8bit_adam:
+            try:
+                import bitsandbytes as bnb
+            except ImportError:
+                raise ValueError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
+            return bnb.optim.AdamW8bit(groups, **kwargs)
+        return torch.optim.AdamW(groups, **kwargs)
+
+    def run(self) -> dict:
+        from accelerate.utils import set_seed
+        from diffusers.optimization import get_scheduler
+        from tqdm.auto import tqdm
+
+        args = self.args
+        start_time = time.time()
+        self.accelerator = accelerator = self.build_accelerator()
+        if args.allow_tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+        set_seed(args.seed)
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.weight_dtype = weight_dtype_of(accelerator.mixed_precision)
+        self.setup()
+
+        world = accelerator.num_processes
+        accum = args.gradient_accumulation_steps
+        n_examples = len(self.dataset)
+        if args.max_train_steps is None:
+            args.max_train_steps = args.num_train_epochs * max(
+                1, math.ceil(n_examples / (args.train_batch_size * world * accum))
+            )
+        groups = self.param_groups()
+        if args.scale_lr:
+            for group in groups:
+                group["lr"] *= accum * args.train_batch_size * world
+        self.optimizer = optimizer = self.make_optimizer(groups)
+        lr_scheduler = get_scheduler(
+            args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
+            num_training_steps=args.max_train_steps, num_cycles=args.lr_num_cycles, power=args.lr_power,
+        )
+        modules = self.trainable_modules()
+        prepared = accelerator.prepare(*modules, optimizer)
+        self.prepared_modules = list(prepared[:-1])
+        self.optimizer = optimizer = prepared[-1]
+        self.on_prepared(self.prepared_modules)
+        accelerator.register_for_checkpointing(lr_scheduler)
+        accelerator.register_save_state_pre_hook(self._save_hook)
+        accelerator.register_load_state_pre_hook(self._load_hook)
+
+        resume = resolve_checkpoint(self.output_dir, args.resume_from_checkpoint)
+        if args.resume_from_checkpoint and resume is None:
+            self.log(f"no checkpoint in {self.output_dir} to resume from; starting a new run")
+        if resume is not None:
+            accelerator.load_state(str(resume))
+            self.global_step = checkpoint_step(resume)
+            self.log(f"resumed from {resume} (step {self.global_step})")
+
+        if accelerator.is_main_process and args.report_to != "none":
+            config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+            accelerator.init_trackers(self.project_name, config=config)
+
+        n_params = sum(p.numel() for g in groups for p in g["params"])
+        self.log(
+            f"{self.task}: {args.method} adapter, {n_params:,} trainable parameters; {n_examples} examples, "
+            f"batch {args.train_batch_size} x {world} process(es) x {accum} accumulation, "
+            f"{args.max_train_steps} steps"
+        )
+        start_batch = self.global_step * accum
+        remaining = max(0, args.max_train_steps - self.global_step) * accum
+        sampler = StreamBatchSampler(
+            n_examples, args.train_batch_size, args.seed, num_batches=remaining, start_batch=start_batch,
+            num_replicas=world, rank=accelerator.process_index,
+        )
+        dataloader = make_dataloader(self.dataset, self.collate_fn, sampler, args.dataloader_num_workers)
+        progress = tqdm(
+            total=args.max_train_steps, initial=self.global_step, desc="steps", disable=not accelerator.is_main_process
+        )
+        for module in self.prepared_modules:
+            module.train()
+        self.set_train_mode(True)
+        clip_params = [p for g in groups for p in g["params"]]
+        step_logs: dict[str, float] = {}
+        for offset, batch in enumerate(dataloader):
+            micro = start_batch + offset
+            sync = (micro + 1) % accum == 0
+            seed = mix_seed(args.seed, micro, accelerator.process_index)
+            torch.manual_seed(mix_seed(args.seed, micro, accelerator.process_index, 1))
+            generator = torch.Generator().manual_seed(seed)
+            with contextlib.ExitStack() as stack:
+                if not sync and world > 1:
+                    for module in self.prepared_modules:
+                        stack.enter_context(accelerator.no_sync(module))
+                loss, logs = self.compute_loss(batch, generator)
+                accelerator.backward(loss / accum)
+            for k, v in logs.items():
+                step_logs[k] = step_logs.get(k, 0.0) + v / accum
+            if not sync:
+                continue
+            if args.max_grad_norm and args.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(clip_params, args.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            for module in self.adapted_components().values():
+                apply_constraints(module)
+            self.global_step += 1
+            lr = lr_scheduler.get_last_lr()[0]
+            if world > 1:
+                reduced = accelerator.reduce(torch.tensor(step_logs["loss"], device=accelerator.device), "mean")
+                step_logs["loss"] = float(reduced)
+            step_logs["lr"] = lr
+            self.history.append({"step": self.global_step, **step_logs})
+            progress.update(1)
+            progress.set_postfix(loss=f"{step_logs['loss']:.4f}", lr=f"{lr:.2e}")
+            accelerator.log(step_logs, step=self.global_step)
+            step_logs = {}
+            if self.global_step % args.checkpointing_steps == 0 and self.global_step < args.max_train_steps:
+                self.save_checkpoint()
+            if (
+                self.wants_validation()
+                and self.global_step % args.validation_steps == 0
+                and self.global_step < args.max_train_steps
+            ):
+                self.validate(final=False)
+        progress.close()
+        accelerator.wait_for_everyone()
+        self.set_train_mode(False)
+        if self.global_step % args.checkpointing_steps == 0 and self.global_step > 0:
+            self.save_checkpoint()  # the final step, when it falls on a checkpoint boundary
+        if self.is_main:
+            path = self.save_adapter_file(self.output_dir / ADAPTER_FILE)
+            self.save_extra(self.output_dir)
+            self.outputs["adapter"] = str(path)
+            self.log(f"saved {path}")
+        self.validate(final=True)
+        if self.is_main:
+            self.write_model_card()
+            (self.output_dir / "train_history.json").write_text(json.dumps(self.history), encoding="utf-8")
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        elapsed = time.time() - start_time
+        self.log(f"done: {self.global_step} steps in {elapsed:.1f} s; outputs in {self.output_dir}")
+        return {"global_step": self.global_step, "history": self.history, "outputs": self.outputs,
+                "seconds": elapsed}
+
+    def on_prepared(self, modules: list[nn.Module]) -> None:
+        """Called with the prepared (possibly DDP-wrapped) trainable modules, in order."""
+
+    def set_train_mode(self, training: bool) -> None:
+        for module in self.trainable_modules():
+            module.train(training)
+
+    def wants_validation(self) -> bool:
+        return bool(self.args.validation_prompt)
+
+    def validate(self, final: bool) -> None:
+        """Main process renders the grid; the others wait."""
+        accelerator = self.accelerator
+        if self.is_main:
+            self.set_train_mode(False)
+            with torch.no_grad(), accelerator.autocast():
+                result = self.validation_grid(final)
+            self.set_train_mode(not final)
+            if result is not None:
+                grid, images = result
+                name = "samples.png" if final else f"validation-{self.global_step:06d}.png"
+                folder = self.output_dir if final else self.output_dir / "validation"
+                path = save_grid(grid, folder / name)
+                if final:
+                    self.outputs["samples"] = str(path)
+                log_images(accelerator, "final" if final else "validation", images, self.global_step)
+                self.log(f"{'sample' if final else 'validation'} grid: {path}")
+        accelerator.wait_for_everyone()
+
+
+def adapted_layer_count(module: nn.Module) -> int:
+    return len(ortho_layers(module))
+
+
+def trainable_adapter_params(module: nn.Module, adapter_name: str) -> list[nn.Parameter]:
+    if adapter_name not in adapter_configs(module):
+        return []
+    return [p for p in adapter_parameters(module, adapter_name) if p.requires_grad]

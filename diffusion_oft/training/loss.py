@@ -1,0 +1,69 @@
+"""The diffusion training loss: noise sampling (with offset), targets, min-SNR weighting, prior loss."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def sample_noise(latents: torch.Tensor, generator: torch.Generator, noise_offset: float = 0.0) -> torch.Tensor:
+    """Gaussian noise like ``latents`` from ``generator`` (CPU), plus the per-channel noise offset."""
+    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn(
+            (latents.shape[0], latents.shape[1], 1, 1), generator=generator, dtype=torch.float32
+        )
+    return noise.to(device=latents.device, dtype=latents.dtype)
+
+
+def sample_timesteps(batch: int, scheduler, generator: torch.Generator, device) -> torch.Tensor:
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator)
+    return t.to(device=device, dtype=torch.long)
+
+
+def compute_snr(scheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """SNR(t) = alpha_bar / (1 - alpha_bar) (Min-SNR, Hang et al. 2023)."""
+    alphas_cumprod = scheduler.alphas_cumprod.to(device=timesteps.device, dtype=torch.float32)[timesteps]
+    return alphas_cumprod / (1.0 - alphas_cumprod)
+
+
+def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"unsupported prediction_type {kind!r} (epsilon or v_prediction)")
+
+
+def weighted_mse(
+    pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, scheduler, snr_gamma: float | None
+) -> torch.Tensor:
+    """Mean squared error, weighted per example by min(SNR, gamma) / SNR (v-prediction: / (SNR + 1))."""
+    if snr_gamma is None:
+        return F.mse_loss(pred.float(), target.float(), reduction="mean")
+    snr = compute_snr(scheduler, timesteps)
+    weights = torch.clamp(snr, max=snr_gamma)
+    weights = weights / (snr + 1) if scheduler.config.prediction_type == "v_prediction" else weights / snr
+    per_example = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.ndim)))
+    return (per_example * weights).mean()
+
+
+def diffusion_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    timesteps: torch.Tensor,
+    scheduler,
+    snr_gamma: float | None = None,
+    num_instance: int | None = None,
+    prior_loss_weight: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss and its parts. With ``num_instance`` < batch the rest of the batch are class images
+    (prior preservation): loss = instance loss + prior_loss_weight * plain MSE on the class images."""
+    if num_instance is None or num_instance >= pred.shape[0]:
+        loss = weighted_mse(pred, target, timesteps, scheduler, snr_gamma)
+        return loss, {"loss": loss.item()}
+    inst = weighted_mse(pred[:num_instance], target[:num_instance], timesteps[:num_instance], scheduler, snr_gamma)
+    prior = F.mse_loss(pred[num_instance:].float(), target[num_instance:].float(), reduction="mean")
+    loss = inst + prior_loss_weight * prior
+    return loss, {"loss": loss.item(), "instance_loss": inst.item(), "prior_loss": prior.item()}

@@ -1,0 +1,265 @@
+"""Controllable generation: condition encoder, conv_in hook, extractors, training, pipeline, metric."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from training_helpers import read_tensors
+
+import diffusion_oft as do
+from diffusion_oft.cli import main as cli_main
+from diffusion_oft.conditions import canny, canny_edges, edge_scores, make_condition
+from diffusion_oft.control import (
+    ConditionEncoder,
+    ControlledUNet,
+    attach_control,
+    condition_encoder_for,
+    load_control,
+    save_control,
+)
+from diffusion_oft.tiny import save_tiny_sd, tiny_unet
+from diffusion_oft.training.control import main as train_main
+
+REPO = Path(__file__).resolve().parents[1]
+RES = 16
+
+
+def shape_image(i: int, size: int = 32) -> tuple[Image.Image, str]:
+    rng = np.random.default_rng(i)
+    img = Image.new("RGB", (size, size), (30, 30, 60))
+    draw = ImageDraw.Draw(img)
+    x, y, r = (int(v) for v in (rng.integers(size // 4, 3 * size // 4), rng.integers(size // 4, 3 * size // 4),
+                                rng.integers(size // 8, size // 4)))
+    shape = ("circle", "square")[i % 2]
+    (draw.ellipse if shape == "circle" else draw.rectangle)([x - r, y - r, x + r, y + r], fill=(230, 200, 40))
+    return img, f"a yellow {shape}"
+
+
+def make_control_folder(folder: Path, n: int = 6) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        img, text = shape_image(i)
+        img.save(folder / f"img_{i}.png")
+        canny(img).save(folder / f"cond_{i}.png")
+        rows.append({"image": f"img_{i}.png", "conditioning_image": f"cond_{i}.png", "text": text})
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return folder
+
+
+# ---- unit ------------------------------------------------------------------------------------------
+def test_encoder_shapes_and_zero_init_changes_nothing():
+    enc = ConditionEncoder(out_channels=320, downscale_factor=8)
+    assert enc(torch.rand(1, 3, 64, 64)).shape == (1, 320, 8, 8)
+    assert [c.out_channels for c in enc.blocks] == [16, 32, 32, 96, 96, 256]  # ControlNet's hint encoder
+    unet = tiny_unet().eval()
+    small = condition_encoder_for(unet, vae_scale_factor=2)
+    g = torch.Generator().manual_seed(0)
+    sample, text = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 32, generator=g)
+    cond = torch.rand(2, 3, 16, 16, generator=g)
+    with torch.no_grad():
+        plain = unet(sample, 10, text).sample
+        controlled = ControlledUNet(unet, small)(sample, 10, text, cond).sample
+    assert torch.equal(plain, controlled)  # zero conv: the base model exactly
+    with torch.no_grad():
+        small.conv_out.weight.normal_()
+        changed = ControlledUNet(unet, small)(sample, 10, text, cond).sample
+        again = unet(sample, 10, text).sample  # features are cleared after each call
+    assert not torch.allclose(plain, changed)
+    assert torch.equal(plain, again)
+
+
+def test_hook_repeats_features_for_guidance_batches():
+    unet = tiny_unet().eval()
+    state = attach_control(unet)
+    assert attach_control(unet) is state  # installed once
+    state.features = torch.randn(1, 32, 8, 8)
+    sample, text = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 32)
+    with torch.no_grad():
+        out2 = unet(sample, 10, text).sample
+        out1 = unet(sample[:1], 10, text[:1]).sample
+    assert torch.allclose(out2[:1], out1, atol=1e-5)
+    state.features = torch.randn(1, 32, 4, 4)
+    with pytest.raises(ValueError, match="do not fit conv_in"):
+        unet(sample, 10, text)
+    state.features = None
+
+
+def test_canny_finds_square_outline_and_extractors():
+    img = Image.new("RGB", (32, 32), "black")
+    ImageDraw.Draw(img).rectangle([8, 8, 23, 23], fill="white")
+    edges = canny_edges(img)
+    assert edges[8:24, 7:9].any() and edges[8:24, 23:25].any()  # left and right sides
+    assert not edges[12:20, 12:20].any() and not edges[:4, :4].any()  # flat areas
+    for kind in ("canny", "sketch", "grayscale"):
+        out = make_condition(img, kind)
+        assert out.size == img.size and out.mode == "RGB"
+    with pytest.raises(ValueError, match="unknown condition"):
+        make_condition(img, "depth")
+    scores = edge_scores(edges, edges)
+    assert scores["iou"] == 1.0 and scores["f1"] == 1.0
+    assert edge_scores(edges, np.zeros_like(edges))["f1"] == 0.0
+
+
+def test_canny_matches_opencv():
+    cv2 = pytest.importorskip("cv2")
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        img, _ = shape_image(i, size=48)
+        arr = np.clip(np.asarray(img).astype(np.float32) + rng.normal(0, 10, (48, 48, 3)), 0, 255).astype(np.uint8)
+        reference = cv2.Canny(cv2.cvtColor(arr, cv2.COLOR_RGB2GRAY), 100, 200) > 0
+        assert edge_scores(reference, canny_edges(arr))["f1"] > 0.98
+
+
+def test_save_load_pairing(tmp_path):
+    unet = tiny_unet()
+    do.add_adapter(unet, do.AdapterConfig(method="oft", block_size=8))
+    enc = condition_encoder_for(unet, 2)
+    save_control(unet, enc, tmp_path / "a")
+    other = condition_encoder_for(unet, 2)
+    save_control(unet, other, tmp_path / "b")
+    fresh = tiny_unet()
+    loaded = load_control(fresh, tmp_path / "a")
+    for k, v in enc.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v)
+    shutil.copy(tmp_path / "b" / "condition_encoder.safetensors", tmp_path / "a" / "condition_encoder.safetensors")
+    (tmp_path / "a" / "adapter.safetensors").write_bytes((tmp_path / "a" / "adapter.safetensors").read_bytes())
+    do.save_adapter(unet, tmp_path / "c" / "adapter.safetensors", extra_metadata={"condition_encoder": "x.st"})
+    with pytest.raises(FileNotFoundError):
+        load_control(tiny_unet(), tmp_path / "c")
+
+
+# ---- end to end ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def control_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("control")
+    model = save_tiny_sd(root / "tiny-sd")
+    data = make_control_folder(root / "data")
+    flags = [
+        "--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--resolution", str(RES),
+        "--max_train_steps", "20", "--learning_rate", "1e-2", "--encoder_learning_rate", "1e-2",
+        "--checkpointing_steps", "10", "--validation_prompt", "a yellow circle",
+        "--validation_image", str(data / "cond_0.png"), "--validation_steps", "10", "--num_inference_steps", "2",
+        "--num_validation_images", "1", "--report_to", "none", "--proportion_empty_prompts", "0.2", "--seed", "3",
+    ]
+    out = root / "run"
+    result = train_main([*flags, "--output_dir", str(out)])
+    return root, model, data, out, flags, result
+
+
+def test_control_training_outputs_and_pipeline(control_run):
+    from diffusion_oft.pipelines.stable_diffusion_control import OrthoStableDiffusionControlPipeline
+
+    root, model, data, out, _, result = control_run
+    assert result["global_step"] == 20
+    for name in ("adapter.safetensors", "condition_encoder.safetensors", "samples.png", "README.md",
+                 "checkpoint-10/condition_encoder.safetensors", "validation/validation-000010.png"):
+        assert (out / name).is_file(), name
+    enc = read_tensors(out / "condition_encoder.safetensors")
+    assert enc["conv_out.weight"].abs().sum() > 0  # the zero conv learned
+    pipe = OrthoStableDiffusionControlPipeline.from_pretrained(model, control=out)
+    pipe.set_progress_bar_config(disable=True)
+    cond = Image.open(data / "cond_1.png")
+    kw = dict(num_inference_steps=3, output_type="np", height=RES, width=RES)
+    with_cond = pipe("a yellow square", image=cond, generator=torch.Generator().manual_seed(0), **kw).images
+    without = pipe("a yellow square", generator=torch.Generator().manual_seed(0), **kw).images
+    off = pipe("a yellow square", image=cond, control_scale=0.0, generator=torch.Generator().manual_seed(0),
+               **kw).images
+    assert np.abs(with_cond - without).mean() > 1e-4
+    assert np.allclose(off, without, atol=1e-6)  # scale 0 = no condition
+    window = pipe("a yellow square", image=cond, control_guidance_end=0.5,
+                  generator=torch.Generator().manual_seed(0), **kw).images
+    assert np.abs(window - with_cond).mean() > 0 and np.abs(window - without).mean() > 0
+
+
+def test_control_resume_is_bit_exact(control_run):
+    root, model, data, out, flags, _ = control_run
+    resumed = root / "resumed"
+    resumed.mkdir()
+    shutil.copytree(out / "checkpoint-10", resumed / "checkpoint-10")
+    train_main([*flags, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"])
+    for name in ("adapter.safetensors", "condition_encoder.safetensors"):
+        a, b = read_tensors(out / name), read_tensors(resumed / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), (name, key)
+
+
+def test_custom_pipeline_file_and_eval_control(control_run, capsys):
+    from diffusers import DiffusionPipeline
+
+    root, model, data, out, _, _ = control_run
+    pipe = DiffusionPipeline.from_pretrained(
+        model, custom_pipeline=str(REPO / "pipelines" / "stable_diffusion_oft_control.py"), trust_remote_code=True,
+        control=str(out),
+    )
+    assert type(pipe).__name__ == "OrthoStableDiffusionControlPipeline" and pipe.condition_encoder is not None
+    code = cli_main(["eval", "control", "--pretrained_model_name_or_path", str(model), "--control", str(out),
+                     "--data_dir", str(data), "--resolution", str(RES), "--num_inference_steps", "2",
+                     "--max_samples", "2", "--output_dir", str(root / "eval")])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "edge IoU" in printed and "with the condition" in printed
+    summary = json.loads((root / "eval" / "control_eval.json").read_text())["summary"]
+    assert 0.0 <= summary["controlled"]["f1"] <= 1.0 and "no_control" in summary
+    assert (root / "eval" / "control_eval.png").is_file()
+
+
+def test_datasets_dataset_with_canny_on_the_fly(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    model = save_tiny_sd(tmp_path / "tiny-sd")
+    images, texts = zip(*(shape_image(i) for i in range(4)), strict=True)
+    ds = datasets.Dataset.from_dict({"image": list(images), "text": list(texts)},
+                                    features=datasets.Features({"image": datasets.Image(),
+                                                                "text": datasets.Value("string")}))
+    ds.save_to_disk(str(tmp_path / "ds"))
+    out = tmp_path / "out"
+    result = train_main(["--pretrained_model_name_or_path", str(model), "--dataset_name", str(tmp_path / "ds"),
+                         "--condition", "canny", "--resolution", str(RES), "--max_train_steps", "3",
+                         "--method", "ether", "--num_blocks", "2", "--report_to", "none",
+                         "--num_inference_steps", "2", "--num_validation_images", "1", "--output_dir", str(out)])
+    assert result["global_step"] == 3
+    info = do.adapter_info(out / "adapter.safetensors")
+    assert "ff.net.2" in info["components"]["unet"]["config"]["extra_target_modules"]  # ETHER control: FF too
+    assert (out / "samples.png").is_file()
+
+
+def test_controlnet_mode(tmp_path):
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    from diffusion_oft.training.control import load_controlnet_extras
+
+    model = save_tiny_sd(tmp_path / "tiny-sd")
+    data = make_control_folder(tmp_path / "data", n=2)
+    out = tmp_path / "out"
+    train_main(["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--resolution",
+                str(RES), "--control_mode", "controlnet", "--block_size", "8", "--max_train_steps", "3",
+                "--learning_rate", "1e-2", "--encoder_learning_rate", "1e-2", "--report_to", "none",
+                "--num_inference_steps", "2", "--num_validation_images", "1", "--output_dir", str(out)])
+    assert list(do.adapter_info(out / "adapter.safetensors")["components"]) == ["controlnet"]
+    base = StableDiffusionControlNetPipeline.from_pretrained(
+        model, controlnet=ControlNetModel.from_unet(
+            __import__("diffusers").UNet2DConditionModel.from_pretrained(model, subfolder="unet"),
+            conditioning_embedding_out_channels=(16, 32)),
+        safety_checker=None, requires_safety_checker=False)
+    base.set_progress_bar_config(disable=True)
+    load_controlnet_extras(base.controlnet, out / "controlnet_extras.safetensors")
+    do.load_adapter(base, out / "adapter.safetensors")
+    image = base("a yellow circle", image=Image.open(data / "cond_0.png"), num_inference_steps=2, height=RES,
+                 width=RES, output_type="np").images
+    assert np.isfinite(image).all()
+
+
+def test_control_user_errors(tmp_path, capsys):
+    (tmp_path / "d").mkdir()
+    assert cli_main(["train", "control", "--pretrained_model_name_or_path", "x", "--train_data_dir",
+                     str(tmp_path / "d")]) == 2
+    assert "no metadata.jsonl" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert cli_main(["train", "control", "--pretrained_model_name_or_path", "x"]) == 2
+    assert "give --train_data_dir" in capsys.readouterr().err
