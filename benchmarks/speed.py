@@ -25,8 +25,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -181,8 +181,20 @@ def time_cases(unet, cases, inputs, rounds: int, device: str, compiled: bool = F
 
 def peak_memory_of(case: Case, args, resolution: int) -> float:
     """Peak RSS (GB) of a fresh process that builds the UNet and runs two steps of one case."""
-    cmd = [sys.executable, __file__, "--_memory_case", case.name, "--resolutions", str(resolution),
-           "--batch", str(args.batch), "--device", args.device, "--dtype", args.dtype]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--_memory_case",
+        case.name,
+        "--resolutions",
+        str(resolution),
+        "--batch",
+        str(args.batch),
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_gb"]
 
@@ -218,8 +230,11 @@ def main() -> None:
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    parser.add_argument("--cpu-time", action="store_true",
-                        help="time with process CPU time instead of wall time (use with --threads 1 on a busy machine)")
+    parser.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time with process CPU time instead of wall time (use with --threads 1 on a busy machine)",
+    )
     parser.add_argument("--_memory_case", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._memory_case:
@@ -238,11 +253,15 @@ def main() -> None:
     resolutions = [int(r) for r in (args.resolutions or ("256" if args.quick else "256,512")).split(",")]
     rounds = args.rounds or (2 if args.quick else 3)
     cases = all_cases(args.quick, with_peft)
-    print(f"# diffusion-oft speed benchmark: SD 1.5 UNet architecture (random weights), {args.device} {args.dtype}, "
-          f"batch {args.batch}, adapters on {'/'.join(TARGETS)} of all attention modules")
-    print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}, median of {rounds} interleaved rounds after a warm-up"
-          + (", process CPU time" if args.cpu_time else ", wall time"))
+    print(
+        f"# diffusion-oft speed benchmark: SD 1.5 UNet architecture (random weights), {args.device} {args.dtype}, "
+        f"batch {args.batch}, adapters on {'/'.join(TARGETS)} of all attention modules"
+    )
+    print(
+        f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}, median of {rounds} interleaved rounds after a warm-up"
+        + (", process CPU time" if args.cpu_time else ", wall time")
+    )
     unet = build_unet(args.device, dtype)
     report = {}
     for res in resolutions:
