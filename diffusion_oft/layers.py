@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .methods.base import OrthoMethod
-from .methods.transforms import BlockTransform
+from .methods.transforms import BlockTransform, LowRankBlockTransform, fused_low_rank_linear
 
 
 def _apply_to_weight(
@@ -149,6 +149,11 @@ class OrthoLinear(nn.Module):
     def _forward_on_activations(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
         built = [self._transforms(n, dropout=self.training) for n in names]
         weight, bias = self.base_layer.weight, self.base_layer.bias
+        if len(built) == 1 and built[0][1] is None:
+            transforms = built[0][0]
+            if all(isinstance(t, LowRankBlockTransform) and t.fusable for t in transforms.values()):
+                # ETHER / ETHER+: both sides folded around the frozen linear as thin matmuls.
+                return fused_low_rank_linear(x, weight, bias, transforms.get("input"), transforms.get("output"))
         # Input sides: x R_in,K ... R_in,1 W^T (the last adapter acts first on the input); the one next
         # to W goes through linear_after, which low-rank transforms fuse with the frozen linear.
         inputs = [t["input"] for t, _ in reversed(built) if "input" in t]

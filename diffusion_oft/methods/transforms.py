@@ -141,6 +141,11 @@ class LowRankBlockTransform(BlockTransform):
     def device(self) -> torch.device:
         return self.basis.device
 
+    @property
+    def fusable(self) -> bool:
+        """Few enough columns (n * k) for the thin-matrix form to beat per-block products."""
+        return self.basis.shape[0] * self.basis.shape[2] <= 64
+
     def thin_basis(self, dtype: torch.dtype) -> torch.Tensor:
         """A = BlockDiag(A_1..A_n): (d, n*k), mostly zeros but thin (n*k columns)."""
         return torch.block_diag(*self.basis.to(dtype).unbind(0))
@@ -188,3 +193,45 @@ class LowRankBlockTransform(BlockTransform):
                 "inverted exactly; keep a copy of the base weights instead of unmerging"
             )
         return LowRankBlockTransform(self.basis, -torch.linalg.solve(inner, eye))  # float64 core
+
+
+def fused_low_rank_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    t_in: LowRankBlockTransform | None,
+    t_out: LowRankBlockTransform | None,
+) -> torch.Tensor:
+    """y = H_out (x H_in) W^T-style product for low-rank transforms on one or both sides, plus bias.
+
+    With H_in = I + A M A^T, H_out = I + B N B^T, P = W A, Q = W^T B, G = P^T B:
+        C1 = (x A) M,   C2 = (x Q + C1 G) N^T,   y = x W^T + b + [C1 C2] [P B]^T.
+    One thin matmul reads x, one adds the correction to the frozen linear's output: a LoRA's cost.
+    """
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    dtype = x2.dtype
+    y = F.linear(x2, weight, bias)
+    left, right, mats = [], [], []
+    if t_in is not None:
+        a = t_in.thin_basis(dtype)
+        left.append(a)
+    if t_out is not None:
+        b = t_out.thin_basis(dtype)
+        left.append(weight.t() @ b)  # Q = W^T B
+    coeffs = (x2 @ torch.cat(left, dim=1)) if len(left) > 1 else x2 @ left[0]
+    if t_in is not None:
+        p = weight @ a  # (out, n k)
+        c1 = coeffs[:, : a.shape[1]] @ t_in.block_core(dtype)
+        mats.append(c1)
+        right.append(p)
+    if t_out is not None:
+        u_q = coeffs[:, -b.shape[1] :]
+        if t_in is not None:
+            u_q = u_q + c1 @ (p.t() @ b)  # + C1 G
+        mats.append(u_q @ t_out.block_core(dtype, transpose=True))
+        right.append(b)
+    c = torch.cat(mats, dim=1) if len(mats) > 1 else mats[0]
+    r = torch.cat(right, dim=1) if len(right) > 1 else right[0]
+    y = torch.addmm(y, c, r.t())
+    return y.reshape(*lead, y.shape[-1])
