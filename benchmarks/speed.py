@@ -133,6 +133,7 @@ def apply_case(unet: nn.Module, case: Case) -> Callable[[], None]:
             parent, _, child = name.rpartition(".")
             setattr(unet.get_submodule(parent) if parent else unet, child, linear)
         unet.requires_grad_(False)
+        unet.__dict__.pop("peft_config", None)  # PEFT leaves its config behind; the next case starts clean
 
     return restore
 

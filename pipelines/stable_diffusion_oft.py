@@ -5,7 +5,7 @@
     pipe = DiffusionPipeline.from_pretrained(
         "stable-diffusion-v1-5/stable-diffusion-v1-5",
         custom_pipeline="pipelines/stable_diffusion_oft.py",  # this file
-        trust_remote_code=True,  # diffusers >= 0.36 asks for it for any custom pipeline file
+        trust_remote_code=True,  # diffusers 0.42 asks for it for a local custom pipeline file too
         adapter="subject.safetensors",  # optional: a file, a list of files or {name: file}
         adapter_scale=1.0,  # optional: one value or one per adapter
     )
