@@ -235,13 +235,20 @@ def control_files(path: str | os.PathLike) -> tuple[Path, Path]:
     return adapter, adapter.parent / name
 
 
-def load_control(
-    pipe_or_unet: Any, path: str | os.PathLike, adapter_name: str = "default", check_pairing: bool = True
-) -> ConditionEncoder:
-    """Load the adapter into the pipeline (or UNet) and return the paired condition encoder, with the
-    conv_in hook installed on the UNet.  Refuses an encoder trained with another adapter file."""
-    from .files import load_adapter
+def is_control_adapter(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is an adapter file whose metadata names a condition encoder (a control training's)."""
+    from .files import read_adapter_file
 
+    path = Path(path)
+    return path.is_file() and bool(read_adapter_file(path)[1].get("condition_encoder"))
+
+
+def load_paired_encoder(
+    path: str | os.PathLike, unet: nn.Module | None = None, check_pairing: bool = True
+) -> ConditionEncoder:
+    """The condition encoder paired with a control adapter (a folder or the adapter file), without
+    loading the adapter.  Refuses an encoder trained with another adapter file and, given ``unet``,
+    one whose width does not fit its conv_in."""
     adapter, enc_path = control_files(path)
     encoder, metadata = load_condition_encoder(enc_path)
     if check_pairing and metadata.get("paired_adapter_sha256") not in (None, file_sha256(adapter)):
@@ -249,12 +256,34 @@ def load_control(
             f"{enc_path.name} was trained with another {metadata.get('paired_adapter', 'adapter')} "
             "(SHA-256 differs); keep the files of one training run together, or pass check_pairing=False"
         )
+    if unet is not None:
+        if unet.config.block_out_channels[0] != encoder.config.out_channels:
+            raise ValueError(
+                f"{enc_path.name}: encoder width {encoder.config.out_channels} does not fit this UNet's conv_in "
+                f"({unet.config.block_out_channels[0]})"
+            )
+        encoder = encoder.to(unet.device)
+    return encoder
+
+
+def load_condition_image(path: str | os.PathLike, height: int, width: int):
+    """A condition image file as an RGB PIL image of ``width`` x ``height`` (bilinear resize)."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return img.convert("RGB").resize((width, height), Image.BILINEAR)
+
+
+def load_control(
+    pipe_or_unet: Any, path: str | os.PathLike, adapter_name: str = "default", check_pairing: bool = True
+) -> ConditionEncoder:
+    """Load the adapter into the pipeline (or UNet) and return the paired condition encoder, with the
+    conv_in hook installed on the UNet.  Refuses an encoder trained with another adapter file."""
+    from .files import load_adapter
+
+    adapter, _ = control_files(path)
     unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
-    if unet.config.block_out_channels[0] != encoder.config.out_channels:
-        raise ValueError(
-            f"{enc_path.name}: encoder width {encoder.config.out_channels} does not fit this UNet's conv_in "
-            f"({unet.config.block_out_channels[0]})"
-        )
+    encoder = load_paired_encoder(adapter, unet=unet, check_pairing=check_pairing)
     load_adapter(pipe_or_unet if hasattr(pipe_or_unet, "unet") else unet, adapter, adapter_name=adapter_name,
                  **({} if hasattr(pipe_or_unet, "unet") else {"component": "unet"}))
     attach_control(unet)

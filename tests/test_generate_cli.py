@@ -12,12 +12,14 @@ import pytest
 import torch
 from diffusers import AutoPipelineForText2Image
 from PIL import Image
+from test_control import RES, make_control_folder
 from test_pipelines import TEXT_TARGETS, make_sd, oft
 
 import diffusion_oft as do
 from diffusion_oft import cli
 from diffusion_oft.inference import _input_width
 from diffusion_oft.tiny import save_tiny_sd, tiny_sdxl_pipeline
+from diffusion_oft.training.control import main as train_control
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
 
@@ -140,7 +142,10 @@ def test_more_wrong_inputs_in_process(files, tmp_path, capsys):
         "multiple of 8": ["--model", model, "--height", "30"],
         "one per --adapter": ["--model", model, "--adapter", str(files["subject"]), "--adapter_scale", "1", "2"],
         "pickle": ["--model", model, "--adapter", str(pickle_file)],
-        "controllable pipeline": ["--model", model, "--control_image", str(image)],
+        "needs exactly one --adapter trained by": ["--model", model, "--control_image", str(image)],
+        "train control`": ["--model", model, "--adapter", str(files["subject"]), "--control_image", str(image)],
+        "--control_scale was given without": ["--model", model, "--control_scale", "0.5"],
+        "one per image (4)": ["--model", model, "--num_images", "4", "--control_image", str(image), str(image)],
         "--num_images must be": ["--model", model, "--num_images", "0"],
         "--steps must be": ["--model", model, "--steps", "0"],
         "built-in models": ["--model", "builtin:nothing"],
@@ -151,6 +156,38 @@ def test_more_wrong_inputs_in_process(files, tmp_path, capsys):
         assert code == 2, (expected, err)
         lines = error_lines(err)
         assert len(lines) == 1 and expected in lines[0], (expected, err)
+
+
+def test_generate_with_control_image_in_process(files, tmp_path, capsys):
+    data = make_control_folder(tmp_path / "data", n=2)
+    run = tmp_path / "control"
+    train_control([
+        "--pretrained_model_name_or_path", str(files["model"]), "--train_data_dir", str(data), "--resolution",
+        str(RES), "--max_train_steps", "3", "--learning_rate", "1e-2", "--encoder_learning_rate", "1e-1",
+        "--report_to", "none", "--num_inference_steps", "1", "--num_validation_images", "1", "--seed", "0",
+        "--output_dir", str(run),
+    ])  # fmt: skip
+    capsys.readouterr()
+    args = ["generate", "--model", str(files["model"]), "--adapter", str(run / "adapter.safetensors")]
+    args += ["--prompt", "a yellow circle", "--num_images", "1", "--steps", "2", "--seed", "3"]
+    args += ["--height", "16", "--width", "16"]
+    images = {}
+    for name, cond in (("a", "cond_0.png"), ("b", "cond_1.png")):
+        out = tmp_path / name
+        code = cli.main([*args, "--control_image", str(data / cond), "--output_dir", str(out)])
+        assert code == 0, capsys.readouterr().err[-2000:]
+        assert (out / "000-seed3.png").is_file() and (out / "grid.png").is_file()
+        images[name] = np.asarray(Image.open(out / "000-seed3.png"), dtype=np.int16)
+    assert images["a"].shape == (16, 16, 3)
+    assert np.abs(images["a"] - images["b"]).mean() > 0.5  # the condition reached the UNet
+    settings = json.loads((tmp_path / "b" / "generation.json").read_text())
+    assert settings["control_images"] == [str((data / "cond_1.png").resolve())]
+    # a 32x32 condition is resized to the output size; --control_scale 0 is the adapter without the condition
+    for name, cond in (("c", "cond_0.png"), ("d", "cond_1.png")):
+        extra = ["--control_scale", "0", "--control_image", str(data / cond), "--output_dir", str(tmp_path / name)]
+        assert cli.main([*args, *extra]) == 0
+    c, d = (np.asarray(Image.open(tmp_path / x / "000-seed3.png"), dtype=np.int16) for x in "cd")
+    assert np.array_equal(c, d)
 
 
 def test_argparse_errors_are_one_line_too(capsys):

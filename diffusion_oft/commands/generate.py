@@ -86,7 +86,11 @@ def register(subparsers) -> None:
         nargs="+",
         default=None,
         metavar="IMAGE",
-        help="condition image(s) for the controllable pipeline (control issue; not wired yet)",
+        help="condition image(s) for an --adapter trained by `diffusion-oft train control` (its "
+        "condition_encoder.safetensors next to it); one for all images or one per image, resized to --height/--width",
+    )
+    p.add_argument(
+        "--control_scale", type=float, default=None, help="strength of the condition (0 = none; default 1.0)"
     )
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps ...")
     p.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: fp16 on cuda, fp32 elsewhere")
@@ -126,6 +130,12 @@ def check_args(args) -> None:
         for image in args.control_image:
             if not Path(image).is_file():
                 raise CommandError(f"--control_image {image}: no such file")
+        if len(args.control_image) not in (1, args.num_images):
+            raise CommandError(
+                f"--control_image takes one image or one per image ({args.num_images}), got {len(args.control_image)}"
+            )
+    elif args.control_scale is not None:
+        raise CommandError("--control_scale was given without --control_image")
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         raise CommandError(f"--output_dir {out} exists and is not a folder")
@@ -160,6 +170,17 @@ def check_args(args) -> None:
             raise CommandError(f"--adapter {path}: no such file")
         if not Path(path).is_dir():  # a PEFT folder is read (and converted) by load_adapter
             read_adapter_file(path)  # readable safetensors, never a pickle (AdapterFileError is a ValueError)
+    args.control_adapter = None
+    if args.control_image:
+        from ..control import is_control_adapter
+
+        paired = [path for path in args.adapter if is_control_adapter(path)]
+        if len(paired) != 1:
+            raise CommandError(
+                "--control_image needs exactly one --adapter trained by `diffusion-oft train control` "
+                f"(with its condition_encoder.safetensors), got {len(paired)}"
+            )
+        args.control_adapter = paired[0]
 
 
 def scheduler_class(name: str):
@@ -215,16 +236,39 @@ def dtype_kwarg(dtype) -> dict:
 
 
 def load_control_pipeline(args, dtype):
-    """Hook for the controllable pipeline (control issue): load it here and return it; the control
-    images are passed to the call by ``control_call_kwargs``."""
+    """The controllable pipeline of --model with the condition encoder paired with ``args.control_adapter``
+    (the adapters themselves, that one included, are loaded by ``run`` like any others)."""
     from ..cli import CommandError
+    from ..control import load_paired_encoder
+    from ..pipelines.stable_diffusion_control import OrthoStableDiffusionControlPipeline
 
-    raise CommandError("--control_image needs the controllable pipeline, which this version does not include yet")
+    try:
+        pipe = OrthoStableDiffusionControlPipeline.from_pretrained(args.model_path, **dtype_kwarg(dtype))
+    except Exception as err:  # hub, config and class errors of many kinds
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CommandError(f"could not load --model {args.model} as a controllable pipeline: {reason}") from None
+    try:
+        pipe.set_condition_encoder(load_paired_encoder(args.control_adapter, unet=pipe.unet))
+    except (OSError, ValueError) as err:
+        raise CommandError(f"--adapter {args.control_adapter}: {str(err).splitlines()[0]}") from None
+    return pipe
 
 
-def control_call_kwargs(args, pipe) -> dict:
-    """Extra __call__ arguments for --control_image (hook for the control issue)."""
-    return {}
+def control_call_kwargs(args, pipe, index: int = 0) -> dict:
+    """Extra __call__ arguments of image ``index`` for --control_image: its condition, resized to the
+    output size, and --control_scale where the pipeline takes it."""
+    if not args.control_image:
+        return {}
+    import inspect
+
+    from ..control import load_condition_image
+
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor  # the pipeline's default
+    path = args.control_image[index % len(args.control_image)]
+    kwargs = {"image": load_condition_image(path, args.height or size, args.width or size)}
+    if args.control_scale is not None and "control_scale" in inspect.signature(pipe.__call__).parameters:
+        kwargs["control_scale"] = args.control_scale
+    return kwargs
 
 
 def set_scheduler(pipe, name: str) -> str:
@@ -280,9 +324,9 @@ def run(args) -> int:
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    extra = control_call_kwargs(args, pipe)
     images, files = [], []
     for i in range(args.num_images):
+        extra = control_call_kwargs(args, pipe, i)
         pipe.set_progress_bar_config(desc=f"image {i + 1}/{args.num_images}", disable=False)
         generator = torch.Generator("cpu").manual_seed(seed + i)  # the same images on any device
         image = pipe(
@@ -310,6 +354,14 @@ def run(args) -> int:
             for f, n in zip(args.adapter, names, strict=True)
         ],
         "merged": bool(args.merge),
+        **(
+            {
+                "control_images": [str(Path(c).resolve()) for c in args.control_image],
+                "control_scale": args.control_scale,
+            }
+            if args.control_image
+            else {}
+        ),
         "prompt": args.prompt,
         "negative_prompt": args.negative_prompt,
         "steps": args.steps,
