@@ -6,23 +6,28 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
+import diffusion_oft as do
+from diffusion_oft import tiny
+
 torch.set_num_threads(1)  # tiny models: one thread is fastest and behaves on a shared machine
 
 
 def make_tiny_unet(seed: int = 0, cross_attention_dim: int = 32) -> UNet2DConditionModel:
+    return tiny.tiny_unet(seed, cross_attention_dim=cross_attention_dim).eval()
+
+
+def random_adapter(config: dict, seed: int = 3, std: float = 0.1) -> UNet2DConditionModel:
+    """A tiny UNet with an adapter at random parameters (magnitudes around 1)."""
+    unet = make_tiny_unet()
+    do.add_adapter(unet, do.AdapterConfig(**config))
     torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=cross_attention_dim,
-        norm_num_groups=8,
-        attention_head_dim=8,
-    ).eval()
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if name.endswith("magnitude"):
+                p.copy_(1 + torch.randn_like(p) * std)
+            elif p.requires_grad:
+                p.copy_(torch.randn_like(p) * std)
+    return unet
 
 
 @pytest.fixture

@@ -18,15 +18,6 @@ from diffusion_oft.convert import ConversionWarning, convert, kohya_name
 from diffusion_oft.tiny import save_tiny_sd, tiny_sd_pipeline
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: one thread is fastest, and far faster than two on a busy 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def randomize(module: torch.nn.Module, seed: int = 3, std: float = 0.2) -> None:
     torch.manual_seed(seed)
     with torch.no_grad():

@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import make_tiny_unet, run_unet
+from conftest import make_tiny_unet, random_adapter, run_unet
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 
@@ -24,28 +24,6 @@ from lycoris.modules.diag_oft import DiagOFTModule  # noqa: E402
 
 TOL = 1e-5
 logging.getLogger("LyCORIS").setLevel(logging.ERROR)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: one thread is fastest, and far faster than two on a busy 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def random_adapter(config: dict, seed: int = 3, std: float = 0.1):
-    unet = make_tiny_unet()
-    do.add_adapter(unet, do.AdapterConfig(**config))
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if name.endswith("magnitude"):
-                p.copy_(1 + torch.randn_like(p) * std)
-            elif p.requires_grad:
-                p.copy_(torch.randn_like(p) * std)
-    return unet
 
 
 def differences(out, ref, base):

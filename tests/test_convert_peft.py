@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import make_tiny_unet, run_unet
+from conftest import make_tiny_unet, random_adapter, run_unet
 from safetensors.torch import load_file
 
 import diffusion_oft as do
@@ -21,28 +21,6 @@ peft = pytest.importorskip("peft")
 from peft import BOFTConfig, OFTConfig, PeftModel, get_peft_model  # noqa: E402
 
 TOL = 1e-5
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: one thread is fastest, and far faster than two on a busy 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def random_adapter(config: dict, seed: int = 3, std: float = 0.1):
-    unet = make_tiny_unet()
-    do.add_adapter(unet, do.AdapterConfig(**config))
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if name.endswith("magnitude"):
-                p.copy_(1 + torch.randn_like(p) * std)
-            elif p.requires_grad:
-                p.copy_(torch.randn_like(p) * std)
-    return unet
 
 
 def differences(out: torch.Tensor, ref: torch.Tensor, base: torch.Tensor) -> tuple[float, float]:
