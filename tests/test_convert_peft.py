@@ -46,7 +46,10 @@ EXPORT_CASES = {
 
 @pytest.mark.parametrize("case", list(EXPORT_CASES))
 def test_export_runs_identically_in_peft(tmp_path, unet_inputs, case):
-    unet = random_adapter(EXPORT_CASES[case])
+    # Neumann cases stay inside the series' region of convergence (|S|_F < 1), where it means something
+    # (outside it diffusion-oft falls back to the exact Cayley transform; PEFT would diverge).
+    neumann = EXPORT_CASES[case].get("cayley_mode") == "neumann"
+    unet = random_adapter(EXPORT_CASES[case], std=0.04 if neumann else 0.1)
     ref = run_unet(unet, unet_inputs)
     do.save_adapter(unet, tmp_path / "ours.safetensors")
     convert(tmp_path / "ours.safetensors", "peft", tmp_path / "peft")
@@ -70,6 +73,8 @@ def _peft_made(tmp_path, peft_config, seed=5):
         for name, p in model.named_parameters():
             if "boft_s" in name:
                 p.copy_(1 + torch.randn_like(p) * 0.1)
+            elif "oft_R" in name:
+                p.mul_(0.3)  # keep |S|_F < 1: inside the Neumann series' region of convergence
     model.save_pretrained(str(tmp_path / "peft_made"))
     return model
 
