@@ -45,8 +45,20 @@ class AdapterConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes kept in the file
 
     def __post_init__(self) -> None:
-        self.target_modules = tuple(self.target_modules)
-        self.extra_target_modules = tuple(self.extra_target_modules)
+        for name in ("target_modules", "extra_target_modules"):
+            value = getattr(self, name)
+            items = tuple(value) if isinstance(value, (list, tuple)) else None
+            if items is None or not all(isinstance(v, str) for v in items):
+                raise ValueError(f"{name} must be a list of module name suffixes (strings), got {value!r}")
+            setattr(self, name, items)
+        for name in ("n_butterfly_factors", "neumann_terms"):
+            if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be an integer, got {getattr(self, name)!r}")
+        for name in ("magnitude", "ether_plus_two_sided"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.extra, dict):
+            raise ValueError(f"extra must be a dict, got {type(self.extra).__name__}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.block_size is not None and self.num_blocks is not None:

@@ -172,13 +172,21 @@ def parse_metadata(metadata: dict[str, str], name: str) -> dict[str, AdapterConf
             f"{name}: format version {version} is newer than this diffusion-oft understands "
             f"({FORMAT_VERSION}); upgrade diffusion-oft"
         )
+    if "adapter_config" not in metadata:
+        raise AdapterFileError(f"{name}: metadata has no adapter_config")
     try:
         raw = json.loads(metadata["adapter_config"])
+        if not isinstance(raw, dict) or not all(isinstance(c, str) and isinstance(v, dict) for c, v in raw.items()):
+            raise TypeError("expected a JSON object {component: {field: value}}")
         return {comp: AdapterConfig.from_dict(cfg) for comp, cfg in raw.items()}
-    except KeyError:
-        raise AdapterFileError(f"{name}: metadata has no adapter_config") from None
-    except (ValueError, TypeError) as err:
-        raise AdapterFileError(f"{name}: bad adapter_config in metadata ({err})") from None
+    except (ValueError, TypeError, AttributeError, KeyError, RecursionError) as err:
+        raise AdapterFileError(f"{name}: bad adapter_config in metadata ({one_line(err)})") from None
+
+
+def one_line(err: BaseException | str, limit: int = 300) -> str:
+    """An exception's message on one line, shortened: for error messages about untrusted files."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _resolve_component(target: Any, comp: str, n_components: int, component: str | None, name: str) -> nn.Module:
@@ -203,8 +211,11 @@ def load_adapter(
     """Load an adapter file into a pipeline (its unet / transformer / text encoders / controlnet)
     or a model.  Everything is validated first; on any error the target is left unchanged."""
     name = Path(path).name
-    tensors, configs = _read_for_loading(pipeline_or_model, path, component)
-    return _load_tensors(pipeline_or_model, tensors, configs, name, adapter_name, component)
+    try:
+        tensors, configs = _read_for_loading(pipeline_or_model, path, component)
+        return _load_tensors(pipeline_or_model, tensors, configs, name, adapter_name, component)
+    except AdapterFileError as err:
+        raise AdapterFileError(one_line(err, 500)) from None
 
 
 def _read_for_loading(target: Any, path: str | os.PathLike, component: str | None):
@@ -300,7 +311,11 @@ def adapter_info(path: str | os.PathLike) -> dict[str, Any]:
     """What an adapter file holds: configs, base model hints, parameter counts."""
     tensors, metadata = read_adapter_file(path)
     configs = parse_metadata(metadata, Path(path).name)
-    base = json.loads(metadata.get("base_model", "{}") or "{}")
+    try:
+        base = json.loads(metadata.get("base_model", "{}") or "{}")
+    except ValueError:
+        base = None
+    base = base if isinstance(base, dict) else {}  # only hints: a bad value is not fatal
     info = {"format_version": metadata.get("format_version"), "components": {}}
     for comp, config in configs.items():
         keys = [k for k in tensors if k.startswith(comp + ".")]

@@ -147,8 +147,10 @@ def set_flag(argv: list[str], flag: str, value) -> None:
     [
         (lambda root, a: set_flag(a, "--instance_data_dir", root / "nope"), "no such folder"),
         (lambda root, a: set_flag(a, "--instance_data_dir", root / "empty"), "holds no images"),
-        (lambda root, a: set_flag(a, "--instance_data_dir", root / "bad"), "notes.txt is not an image"),
-        (lambda root, a: set_flag(a, "--instance_data_dir", root / "broken"), "not a readable image"),
+        (lambda root, a: (set_flag(a, "--instance_data_dir", root / "bad"), a.append("--strict")),
+         "notes.txt is not an image"),
+        (lambda root, a: (set_flag(a, "--instance_data_dir", root / "broken"), a.append("--strict")),
+         "not a readable image"),
         (lambda root, a: a.__setitem__(a.index("--resolution") + 1, "20"), "divisible by 8"),
         (lambda root, a: a.extend(["--block_size", "5"]), "block sizes that work for 32: [2, 4, 8, 16, 32]"),
         (lambda root, a: a.append("--with_prior_preservation"), "needs --class_data_dir"),

@@ -57,6 +57,8 @@ def test_list_images_messages(tmp_path):
     (tmp_path / "d" / ".DS_Store").write_text("x")  # hidden files are skipped
     (tmp_path / "d" / "a.jpg").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="a.jpg is not a readable image"):
+        list_images(tmp_path / "d", strict=True)
+    with pytest.warns(UserWarning, match="skipped 1 of 1"), pytest.raises(ValueError, match="no images it can read"):
         list_images(tmp_path / "d")
 
 
@@ -80,8 +82,13 @@ def test_loss_snr_weighting_and_prior_split():
 
 def test_checkpoint_pruning_and_latest(tmp_path):
     assert resolve_checkpoint(tmp_path, "latest") is None
+    from safetensors.torch import save_file
+
     for step in (5, 10, 100, 20):
         (tmp_path / f"checkpoint-{step}").mkdir()
+        save_file({"x": torch.zeros(1)}, str(tmp_path / f"checkpoint-{step}" / "adapter.safetensors"))
+        for name in ("optimizer.bin", "random_states_0.pkl"):  # what accelerate writes (a complete checkpoint)
+            (tmp_path / f"checkpoint-{step}" / name).write_bytes(b"x")
     (tmp_path / "checkpoint-x").mkdir()
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-5", "checkpoint-10", "checkpoint-20",
                                                             "checkpoint-100"]

@@ -7,6 +7,8 @@ its strict upper triangle: m * n * b(b-1)/2 numbers per layer, zero at init (R =
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
@@ -14,6 +16,23 @@ from ..config import AdapterConfig
 from .base import OrthoMethod, block_structure, register_method
 from .cayley import cayley, num_skew_params, skew_from_triu
 from .transforms import BlockTransform, ButterflyTransform
+
+# The Neumann series for (I - S)^-1 converges for |S|_2 < 1 (S is normal: |S|_2 is its spectral radius).
+# The check uses the cheap |S|_F >= |S|_2 first and computes |S|_2 only for the blocks where that fails.
+NEUMANN_LIMIT = 1.0
+logger = logging.getLogger("diffusion_oft")
+_neumann_warned = False
+
+
+def _warn_neumann_fallback(bound: float) -> None:
+    global _neumann_warned
+    if not _neumann_warned:
+        _neumann_warned = True
+        logger.warning(
+            "cayley_mode='neumann': a skew block has |S|_2 = %.3g >= %g, outside the series' region of "
+            "convergence; those layers use the exact Cayley transform until |S| is back inside "
+            "(warned once)", bound, NEUMANN_LIMIT,
+        )
 
 
 @register_method
@@ -65,7 +84,9 @@ class BOFT(OrthoMethod):
 
     def transforms(self, scale: float = 1.0, dropout: bool = False) -> dict[str, BlockTransform]:
         cfg = self.config
-        blocks = cayley(self.skew_matrices(scale), cfg.cayley_mode, cfg.neumann_terms)  # (m, n, b, b)
+        skew = self.skew_matrices(scale)
+        mode = "exact" if cfg.cayley_mode == "neumann" and not self._neumann_converges(skew, scale) else cfg.cayley_mode
+        blocks = cayley(skew, mode, cfg.neumann_terms)  # (m, n, b, b)
         keep = self.block_keep_mask(blocks.shape[:2], blocks.device, dropout)
         if keep is not None:
             eye = torch.eye(self.block_size, device=blocks.device, dtype=blocks.dtype)
@@ -80,16 +101,45 @@ class BOFT(OrthoMethod):
             rotation = rotation.collapsed()
         return {cfg.side: rotation}
 
+    def _neumann_converges(self, skew: torch.Tensor, scale: float) -> bool:
+        """Whether every block has |S|_2 < NEUMANN_LIMIT (the series converges); |S|_F bounds it cheaply.
+
+        Checked on the host once per change of the parameter (its in-place version counter, bumped by
+        every optimizer step or load) and scale, so the normal path has no per-forward sync; under
+        torch.compile the last answer is reused (no graph break) and ``constrain_`` (run eagerly by
+        ``apply_constraints`` after each optimizer step) refreshes it.  Outside the region the layer
+        falls back to the exact Cayley transform, with one warning per process.
+        """
+        cached = getattr(self, "_neumann_check", None)
+        if cached is not None and torch.compiler.is_compiling():
+            return cached[1]
+        key = (self.skew._version, scale, self.skew.data_ptr())
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        with torch.no_grad():
+            flat = skew.detach().flatten(0, -3)
+            frobenius = flat.flatten(-2).norm(dim=-1) if flat.numel() else flat.new_zeros(1)
+            bound = float(frobenius.max())
+            if bound >= NEUMANN_LIMIT:  # the cheap bound fails: the exact |S|_2 of those blocks decides
+                bound = float(torch.linalg.matrix_norm(flat[frobenius >= NEUMANN_LIMIT], ord=2).max())
+        ok = bound < NEUMANN_LIMIT
+        self._neumann_check = (key, ok)
+        if not ok:
+            _warn_neumann_fallback(bound)
+        return ok
+
     @torch.no_grad()
     def constrain_(self) -> None:
-        """COFT: clip each block's Frobenius norm |S_i|_F to the radius coft_eps."""
+        """COFT: clip each block's Frobenius norm |S_i|_F to the radius coft_eps.  Neumann mode: re-check
+        the series' range here too (eager, after each optimizer step), so compiled forwards see it."""
         eps = self.config.coft_eps
-        if eps is None:
-            return
-        # |S|_F^2 = 2 |strict upper triangle|^2 for a skew-symmetric S.
-        norms = self.skew.float().norm(dim=-1, keepdim=True) * (2**0.5)
-        factor = torch.clamp(eps / norms.clamp_min(1e-12), max=1.0)
-        self.skew.mul_(factor.to(self.skew.dtype))
+        if eps is not None:
+            # |S|_F^2 = 2 |strict upper triangle|^2 for a skew-symmetric S.
+            norms = self.skew.float().norm(dim=-1, keepdim=True) * (2**0.5)
+            factor = torch.clamp(eps / norms.clamp_min(1e-12), max=1.0)
+            self.skew.mul_(factor.to(self.skew.dtype))
+        if self.config.cayley_mode == "neumann":
+            self._neumann_converges(self.skew_matrices(), 1.0)
 
     def extra_repr(self) -> str:
         m = self.n_factors(self.config)

@@ -136,6 +136,9 @@ def dreambooth_parser(add_help: bool = True) -> argparse.ArgumentParser:
     _add_model_args(p)
     g = p.add_argument_group("data")
     g.add_argument("--instance_data_dir", required=True, help="folder with the subject's photos")
+    g.add_argument("--strict", action="store_true",
+                   help="stop on a file of the data folders that is not a readable image (default: skip it "
+                        "with a warning that counts them)")
     g.add_argument("--instance_prompt", required=True, help='e.g. "a photo of sks dog"')
     g.add_argument("--class_data_dir", default=None, help="folder of class images (generated when too few)")
     g.add_argument("--class_prompt", default=None, help='e.g. "a photo of a dog"')
@@ -274,7 +277,8 @@ def finalize_args(args, task: str = "dreambooth"):
 def _finalize_dreambooth(args) -> None:
     from .data import list_images
 
-    list_images(args.instance_data_dir, "--instance_data_dir")  # every file checked before any model loads
+    args.strict = getattr(args, "strict", False)  # namespaces built by hand may lack it
+    list_images(args.instance_data_dir, "--instance_data_dir", strict=args.strict)  # checked before any model loads
     if args.with_prior_preservation:
         if args.class_data_dir is None:
             raise ValueError("--with_prior_preservation needs --class_data_dir (missing class images are generated)")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 from PIL import Image, ImageOps
 
 from ..conditions import make_condition
-from .data import check_image, load_rgb, resize_and_crop, to_tensor
+from .data import BadDataWarning, check_image, load_rgb, resize_and_crop, to_tensor
 
 
 class ControlRecords:
@@ -45,7 +46,7 @@ def records_from_folder(folder: str | Path, image_column: str, cond_column: str,
     if not meta.is_file():
         raise ValueError(f"--train_data_dir {folder}: no metadata.jsonl (one JSON object per line with "
                          f'"{image_column}", "{cond_column}" and "{caption_column}")')
-    items = []
+    items, no_caption = [], []
     for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
@@ -53,6 +54,8 @@ def records_from_folder(folder: str | Path, image_column: str, cond_column: str,
             row = json.loads(line)
         except json.JSONDecodeError as err:
             raise ValueError(f"{meta}:{n}: not valid JSON ({err.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{meta}:{n}: expected a JSON object per line, got {type(row).__name__}")
         if image_column not in row:
             raise ValueError(f"{meta}:{n}: no {image_column!r} field (see --image_column)")
         image = folder / row[image_column]
@@ -68,9 +71,17 @@ def records_from_folder(folder: str | Path, image_column: str, cond_column: str,
             if not cond.is_file():
                 raise ValueError(f"{meta}:{n}: {row[cond_column]} does not exist in {folder}")
             check_image(cond, "--train_data_dir")
-        items.append({"image": image, "conditioning_image": cond, "text": str(row.get(caption_column, ""))})
+        caption = row.get(caption_column)
+        if not isinstance(caption, str) or not caption.strip():
+            no_caption.append(n)  # missing, null, empty or not text: trained with the empty prompt
+            caption = ""
+        items.append({"image": image, "conditioning_image": cond, "text": caption})
     if not items:
         raise ValueError(f"{meta}: no examples")
+    if no_caption:
+        warnings.warn(f"{meta}: {len(no_caption)} of {len(items)} rows have no {caption_column!r} caption "
+                      f"(lines {no_caption[:5]}{'...' if len(no_caption) > 5 else ''}); they train with the "
+                      "empty prompt", BadDataWarning, stacklevel=2)
     return ControlRecords(items=items)
 
 

@@ -9,6 +9,7 @@ without accelerate's dataloader wrapping).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -25,41 +26,84 @@ def mix_seed(*values: int) -> int:
     return int(state[0]) << 31 ^ int(state[1])
 
 
-def list_images(folder: str | Path, flag: str = "--instance_data_dir", allow_empty: bool = False) -> list[Path]:
-    """The images in ``folder`` (sorted; hidden files skipped), each checked to be a readable image."""
+def list_images(
+    folder: str | Path, flag: str = "--instance_data_dir", allow_empty: bool = False, strict: bool = False
+) -> list[Path]:
+    """The images in ``folder`` (sorted; hidden files and sub-folders skipped), each checked to be readable.
+
+    A file that is not an image (by suffix) or cannot be read (corrupt, zero bytes, a decompression
+    bomb past Pillow's limit) is skipped with one warning that counts and names them; with
+    ``strict`` the first one stops with an error instead.
+    """
     folder = Path(folder)
     if not folder.exists():
         raise ValueError(f"{flag} {folder}: no such folder")
     if not folder.is_dir():
         raise ValueError(f"{flag} {folder}: not a folder")
-    images = []
+    images, skipped = [], []
     for path in sorted(folder.iterdir()):
         if path.name.startswith(".") or path.is_dir():
             continue
         if path.suffix.lower() not in IMAGE_SUFFIXES:
-            raise ValueError(
-                f"{flag} {folder}: {path.name} is not an image (expected {', '.join(IMAGE_SUFFIXES)}); "
-                "move it out of the folder"
-            )
-        check_image(path, flag)
-        images.append(path)
+            problem = (f"{flag} {folder}: {path.name} is not an image (expected {', '.join(IMAGE_SUFFIXES)}); "
+                       "move it out of the folder")
+        else:
+            problem = image_problem(path, flag)
+        if problem is None:
+            images.append(path)
+        elif strict:
+            raise ValueError(problem)
+        else:
+            skipped.append(path.name)
+    if skipped:
+        shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        message = (f"{flag} {folder}: skipped {len(skipped)} of {len(skipped) + len(images)} files that are not "
+                   f"readable images ({shown}); pass --strict to stop on them instead")
+        warnings.warn(message, BadDataWarning, stacklevel=1)
     if not images and not allow_empty:
-        raise ValueError(f"{flag} {folder}: the folder holds no images")
+        raise ValueError(f"{flag} {folder}: the folder holds no images" + (" it can read" if skipped else ""))
     return images
+
+
+class BadDataWarning(UserWarning):
+    """Training files that were skipped (not images, unreadable)."""
+
+
+def image_problem(path: Path, flag: str) -> str | None:
+    try:
+        check_image(path, flag)
+    except ValueError as err:
+        return str(err)
+    return None
 
 
 def check_image(path: Path, flag: str) -> None:
     try:
         with Image.open(path) as img:
-            img.verify()
+            img.verify()  # structure and checksums
+        with Image.open(path) as img:
+            img.load()  # and the pixel data: verify() misses truncated JPEGs
     except Exception as err:  # PIL raises several types for broken files
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ValueError(f"{flag}: {path} is not a readable image ({reason})") from None
 
 
 def load_rgb(path: str | Path) -> Image.Image:
+    """Any readable image as 8-bit RGB: EXIF orientation applied; first frame of animations;
+    transparency composited on white; 16-bit scaled to 8-bit; CMYK / palette / grayscale converted."""
     with Image.open(path) as img:
+        img.seek(0)
         img = ImageOps.exif_transpose(img)
+        if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+            array = np.asarray(img, dtype=np.float64)
+            peak = 65535.0 if array.max(initial=0) > 255 else 255.0
+            img = Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+        if img.mode == "P" and "transparency" in img.info:
+            img = img.convert("RGBA")
+        if img.mode in ("RGBA", "LA", "RGBa", "La", "PA"):
+            rgba = img.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(background, rgba).convert("RGB")
         return img.convert("RGB")
 
 

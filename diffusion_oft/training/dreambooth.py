@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -12,7 +13,7 @@ from torch import nn
 from ..config import AdapterConfig
 from ..model import add_adapter, count_adapter_parameters, find_targets, validate_targets
 from .args import TEXT_ENCODER_TARGETS, adapter_config_from_args, dreambooth_parser, finalize_args
-from .data import DreamBoothDataset, collate_dreambooth, list_images, mix_seed
+from .data import BadDataWarning, DreamBoothDataset, collate_dreambooth, list_images, mix_seed
 from .loop import ADAPTER_FILE, AdapterTrainer, cast_trainable_to_fp32, trainable_adapter_params
 from .loss import diffusion_loss, sample_noise, sample_timesteps, training_target
 from .models import encode_prompts, inference_pipeline, load_base_model, sdxl_time_ids, to_device
@@ -65,7 +66,9 @@ class DreamBoothTrainer(AdapterTrainer):
                 raise ValueError(
                     "--enable_xformers_memory_efficient_attention needs xformers: pip install xformers"
                 ) from None
-        instance_images = list_images(args.instance_data_dir, "--instance_data_dir")
+        with warnings.catch_warnings():  # already reported by finalize_args
+            warnings.simplefilter("ignore", BadDataWarning)
+            instance_images = list_images(args.instance_data_dir, "--instance_data_dir", strict=args.strict)
         to_device(base.vae, device, vae_dtype(base, args, dtype))
         for encoder in base.text_encoders:
             to_device(encoder, device, dtype)
@@ -102,7 +105,7 @@ class DreamBoothTrainer(AdapterTrainer):
         if self.is_main:
             folder.mkdir(parents=True, exist_ok=True)
         accelerator.wait_for_everyone()
-        existing = list_images(folder, "--class_data_dir", allow_empty=True)
+        existing = list_images(folder, "--class_data_dir", allow_empty=True, strict=args.strict)
         missing = args.num_class_images - len(existing)
         if missing > 0 and self.is_main:
             self.log(f"generating {missing} class images for {args.class_prompt!r} in {folder}")
@@ -129,7 +132,9 @@ class DreamBoothTrainer(AdapterTrainer):
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         accelerator.wait_for_everyone()
-        return list_images(folder, "--class_data_dir")[: args.num_class_images]
+        with warnings.catch_warnings():  # reported above
+            warnings.simplefilter("ignore", BadDataWarning)
+            return list_images(folder, "--class_data_dir", strict=args.strict)[: args.num_class_images]
 
     # ---- the trainer interface ---------------------------------------------------------------------
     def adapted_components(self) -> dict[str, nn.Module]:

@@ -16,6 +16,8 @@ import contextlib
 import json
 import logging
 import math
+import os
+import shutil
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,11 +27,22 @@ from torch import nn
 
 from ..files import read_adapter_file, save_adapter
 from ..model import adapter_configs, adapter_parameters, apply_constraints, ortho_layers
-from .checkpoints import checkpoint_step, prune_checkpoints, resolve_checkpoint, restore_adapter_values
+from .checkpoints import (
+    check_output_dir,
+    checkpoint_step,
+    list_checkpoints,
+    prune_checkpoints,
+    resolve_checkpoint,
+    restore_adapter_values,
+)
 from .data import StreamBatchSampler, make_dataloader, mix_seed
 from .validation import log_images, save_grid
 
 logger = logging.getLogger("diffusion_oft.training")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf; training stopped without writing anything for that step."""
 
 ADAPTER_FILE = "adapter.safetensors"
 
@@ -145,13 +158,34 @@ class AdapterTrainer:
         self.load_extra(Path(input_dir))
 
     def save_checkpoint(self) -> Path | None:
+        """Written to a temporary folder that is renamed when complete: a kill mid-write leaves no
+        checkpoint-<step> folder (and the older ones are pruned only after the new one exists)."""
         path = self.output_dir / f"checkpoint-{self.global_step}"
         if self.is_main:
-            for removed in prune_checkpoints(self.output_dir, self.args.checkpoints_total_limit):
+            tmp = self.output_dir / f".tmp-checkpoint-{self.global_step}"
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            self.accelerator.save_state(str(tmp))
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+            for removed in prune_checkpoints(self.output_dir, self.args.checkpoints_total_limit, keep=path):
                 logger.info("removed old checkpoint %s", removed)
-            self.accelerator.save_state(str(path))
             self.log(f"saved {path}")
         return path
+
+    def check_finite(self, loss: torch.Tensor, micro: int) -> None:
+        """Stop on a NaN / inf loss before it reaches the adapter: nothing of this step is written,
+        so the last checkpoint (and adapter file) stay the last good ones."""
+        if bool(torch.isfinite(loss.detach()).all()):
+            return
+        found = [p.name for p in list_checkpoints(self.output_dir)]
+        last = f"the last good checkpoint is {self.output_dir / found[-1]}" if found else "no checkpoint was saved yet"
+        raise NonFiniteLossError(
+            f"non-finite loss ({float(loss.detach().float().mean())}) at step {self.global_step + 1} "
+            f"(micro-batch {micro}): training stopped, nothing was written for this step; {last} "
+            "(resume from it with --resume_from_checkpoint latest, e.g. with a lower --learning_rate)"
+        )
 
     # ---- the run -----------------------------------------------------------------------------------
     def build_accelerator(self):
@@ -200,6 +234,7 @@ class AdapterTrainer:
 
         args = self.args
         start_time = time.time()
+        check_output_dir(self.output_dir)  # read-only or full: fail now, not after hours
         self.accelerator = accelerator = self.build_accelerator()
         if args.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -278,6 +313,7 @@ class AdapterTrainer:
                     for module in self.prepared_modules:
                         stack.enter_context(accelerator.no_sync(module))
                 loss, logs = self.compute_loss(batch, generator)
+                self.check_finite(loss, micro)
                 accelerator.backward(loss / accum)
             for k, v in logs.items():
                 step_logs[k] = step_logs.get(k, 0.0) + v / accum
