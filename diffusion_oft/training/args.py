@@ -154,6 +154,10 @@ def dreambooth_parser(add_help: bool = True) -> argparse.ArgumentParser:
     _add_adapter_args(p)
     _add_training_args(p)
     _add_validation_args(p)
+    p.add_argument_group("validation").add_argument(
+        "--judge", default=None, choices=["toyworld"],
+        help="after training, score the adapter with the toy world's judge (subject fidelity, prompt fidelity, "
+             "prior preservation vs the base model; for assets/toy-sd and assets/subject) and print the figures")
     return p
 
 
@@ -292,6 +296,10 @@ def _finalize_dreambooth(args) -> None:
             raise ValueError(f"--class_data_dir {args.class_data_dir}: not a folder")
     if args.text_encoder_lr is None:
         args.text_encoder_lr = args.learning_rate
+    args.judge = getattr(args, "judge", None)
+    if args.judge == "toyworld" and args.resolution != 64:
+        raise ValueError(f"--judge toyworld judges 64×64 images of the toy world: use --resolution 64, "
+                         f"not {args.resolution}")
 
 
 def _finalize_control(args) -> None:

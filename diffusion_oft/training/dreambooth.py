@@ -217,6 +217,17 @@ class DreamBoothTrainer(AdapterTrainer):
     def extra_metadata(self) -> dict[str, str]:
         return {"instance_prompt": self.args.instance_prompt}
 
+    def run(self) -> dict:
+        summary = super().run()
+        if self.args.judge == "toyworld" and self.is_main:
+            from ..toyworld.evaluate import judge_adapter
+
+            self.set_train_mode(False)
+            pipe = inference_pipeline(self.base)
+            summary["judge"] = judge_adapter(pipe, self.output_dir, log=self.log)
+            self.log(f"judge figures: {self.output_dir / 'judge.md'}, images: {self.output_dir / 'judge.png'}")
+        return summary
+
     def training_summary(self) -> dict:
         summary = super().training_summary()
         summary.update(instance_prompt=self.args.instance_prompt,

@@ -1,0 +1,51 @@
+"""The small datasets shipped in assets/: the novel subject (DreamBooth) and control triples."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from . import world
+
+SUBJECT_PROMPT = f"a {world.SUBJECT_TOKEN} {world.SUBJECT_CLASS} on a white background"
+
+
+def write_subject_dataset(folder: str | Path, n: int = 5, seed: int = 1000) -> list[Path]:
+    """n photos of the subject (a purple-and-orange striped star) on white, at varied sizes and places."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    paths = []
+    for i in range(n):
+        path = folder / f"sks_{i}.png"
+        world.render(world.subject_scene(rng, background="white")).save(path)
+        paths.append(path)
+    return paths
+
+
+def control_scenes(n: int, seed: int) -> list[world.Scene]:
+    """n scenes whose outline Canny can see (see world.edges_visible)."""
+    rng = random.Random(seed)
+    scenes: list[world.Scene] = []
+    while len(scenes) < n:
+        scene = world.sample_scene(rng)
+        if world.edges_visible(scene):
+            scenes.append(scene)
+    return scenes
+
+
+def write_control_dataset(folder: str | Path, n: int = 120, seed: int = 2000) -> Path:
+    """(image, Canny condition, caption) triples as PNGs + metadata.jsonl (image / conditioning_image / text)."""
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    (folder / "conditions").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, scene in enumerate(control_scenes(n, seed)):
+        image, cond = f"images/{i:03d}.png", f"conditions/{i:03d}.png"
+        world.render(scene).save(folder / image)
+        world.edge_map(scene).save(folder / cond)
+        rows.append({"image": image, "conditioning_image": cond, "text": world.caption(scene)})
+    meta = folder / "metadata.jsonl"
+    meta.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return meta

@@ -1,0 +1,119 @@
+"""One small finetuning loop for the quality benchmark: the same loop, data, steps and evaluation for
+every adapter — ours (OFT, BOFT, ETHER, ETHER+) and PEFT's LoRA as the reference — so the only
+difference between rows is the adapter.
+
+The user-facing trainers are ``diffusion-oft train dreambooth|control``; this loop is their minimal
+core (diffusion loss with min-SNR-5, AdamW, fixed seed) without files, checkpoints or accelerate.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import AdapterConfig
+from ..model import add_adapter, count_adapter_parameters
+from ..training.loss import diffusion_loss, sample_noise, training_target
+from . import world
+
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+@dataclass
+class AdapterSpec:
+    """An adapter of the benchmark: ``config`` for ours, or ``lora_rank`` for PEFT LoRA."""
+
+    name: str
+    config: AdapterConfig | None = None
+    lora_rank: int | None = None
+
+    def attach(self, unet: torch.nn.Module) -> list[torch.nn.Parameter]:
+        """Add the adapter to a frozen UNet; returns its trainable parameters."""
+        if self.config is not None:
+            add_adapter(unet, self.config)
+        else:
+            from peft import LoraConfig
+
+            unet.add_adapter(LoraConfig(r=self.lora_rank, lora_alpha=self.lora_rank, init_lora_weights="gaussian",
+                                        target_modules=TARGETS))
+        return [p for p in unet.parameters() if p.requires_grad]
+
+    def trainable_count(self, unet: torch.nn.Module) -> int:
+        if self.config is not None:
+            return count_adapter_parameters(unet)
+        return sum(p.numel() for n, p in unet.named_parameters() if "lora_" in n)
+
+
+def load_toy_pipeline(model_dir: str | Path, control: bool = False):
+    """The toy model as a (control) pipeline, frozen, in eval mode."""
+    from diffusers import StableDiffusionPipeline
+
+    from ..pipelines.stable_diffusion_control import OrthoStableDiffusionControlPipeline
+
+    cls = OrthoStableDiffusionControlPipeline if control else StableDiffusionPipeline
+    pipe = cls.from_pretrained(str(model_dir), safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    for m in (pipe.unet, pipe.vae, pipe.text_encoder):
+        m.requires_grad_(False).eval()
+    return pipe
+
+
+def pixels_of(images) -> torch.Tensor:
+    arr = np.stack([np.asarray(im.convert("RGB").resize((world.IMAGE_SIZE, world.IMAGE_SIZE))) for im in images])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+@torch.no_grad()
+def encode(pipe, pixels: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+    ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids
+    return latents, pipe.text_encoder(ids)[0]
+
+
+def train(pipe, spec: AdapterSpec, latents, text, *, steps: int, lr: float, batch_size: int = 4, seed: int = 0,
+          conditions: torch.Tensor | None = None, encoder: torch.nn.Module | None = None,
+          encoder_lr: float = 1e-3) -> dict:
+    """Train ``spec``'s adapter on (latents, text embeddings[, conditions]).  Returns params/time/losses."""
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    params = spec.attach(pipe.unet)
+    groups = [{"params": params, "lr": lr}]
+    control = None
+    if encoder is not None:
+        from ..control import ControlledUNet
+
+        control = ControlledUNet(pipe.unet, encoder)
+        groups.append({"params": list(encoder.parameters()), "lr": encoder_lr})
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    pipe.unet.train()
+    losses, start = [], time.time()
+    for _ in range(steps):
+        idx = torch.randint(0, len(latents), (batch_size,), generator=g)
+        x0 = latents[idx]
+        noise = sample_noise(x0, g)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=g)
+        noisy = scheduler.add_noise(x0, noise, t)
+        if control is not None:
+            pred = control(noisy, t, text[idx], conditions[idx]).sample
+        else:
+            pred = pipe.unet(noisy, t, text[idx]).sample
+        loss, _ = diffusion_loss(pred, training_target(scheduler, x0, noise, t), t, scheduler, snr_gamma=5.0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    pipe.unet.eval()
+    if control is not None:
+        pipe.set_condition_encoder(encoder)
+    return {"params": spec.trainable_count(pipe.unet) + (sum(p.numel() for p in encoder.parameters())
+                                                        if encoder is not None else 0),
+            "seconds": time.time() - start, "first_loss": float(np.mean(losses[:20])),
+            "last_loss": float(np.mean(losses[-20:]))}

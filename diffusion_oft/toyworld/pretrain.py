@@ -1,0 +1,263 @@
+"""Pretrain the tiny toy-world Stable Diffusion from scratch on 2 CPU cores, reproducibly from a seed.
+
+Phase 1 trains the VAE (64×64×3 ↔ 16×16×4) on rendered scenes; the dataset is then encoded once and
+the latents' scale is measured (``vae.config.scaling_factor`` = 1/std, as in SD).  Phase 2 trains the
+text encoder and the UNet together with the ε-prediction diffusion loss (min-SNR weighting, 10 %
+caption dropout for classifier-free guidance, EMA weights).  The result is saved in the standard
+diffusers folder layout and judged on the world's in-world prompts.
+
+Entry point: ``python assets/pretrain_toy_model.py`` (see ``--help``); library entry :func:`pretrain`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import components, world
+from .judge import judge_in_world
+
+
+def render_dataset(n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+    """n scenes as a (n, 3, 64, 64) uint8 tensor and their captions."""
+    rng = random.Random(seed)
+    scenes = [world.sample_scene(rng) for _ in range(n)]
+    pixels = np.stack([np.asarray(world.render(s)) for s in scenes])
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), [world.caption(s) for s in scenes]
+
+
+def to_unit(pixels_uint8: torch.Tensor) -> torch.Tensor:
+    return pixels_uint8.float() / 127.5 - 1.0
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train_vae(vae, pixels, steps: int, batch_size: int, lr: float, generator, log) -> None:
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    vae.train()
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr, warmup=50)
+        idx = torch.randint(0, len(pixels), (batch_size,), generator=generator)
+        x = to_unit(pixels[idx])
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        recon = vae.decode(z).sample
+        rec_loss = F.l1_loss(recon, x) + F.mse_loss(recon, x)
+        loss = rec_loss + 1e-6 * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step == steps - 1:
+            log(f"vae step {step:5d}/{steps}  reconstruction {rec_loss.item():.4f}")
+    vae.eval()
+
+
+@torch.no_grad()
+def encode_dataset(vae, pixels, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    means, stds = [], []
+    for i in range(0, len(pixels), batch_size):
+        posterior = vae.encode(to_unit(pixels[i : i + batch_size])).latent_dist
+        means.append(posterior.mean)
+        stds.append(posterior.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def train_denoiser(unet, text_encoder, tokenizer, scheduler, latent_mean, latent_std, captions, *, steps, batch_size,
+                   lr, generator, log, ema_decay=0.999, caption_dropout=0.1, snr_gamma=5.0, state_path=None,
+                   save_every=500):
+    """Joint text encoder + UNet training.  Returns the EMA copies (what gets saved).
+
+    Every ``save_every`` steps the whole training state (weights, EMA, optimizer, RNG) is written
+    atomically to ``state_path``; a run started again with the same arguments resumes from it."""
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
+                      return_tensors="pt").input_ids
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
+    ema_params = list(ema_unet.parameters()) + list(ema_text.parameters())
+    alphas_cumprod = scheduler.alphas_cumprod
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    unet.train()
+    text_encoder.train()
+    running, first = None, 0
+    if state_path is not None and Path(state_path).is_file():
+        state = torch.load(state_path, weights_only=False)
+        unet.load_state_dict(state["unet"])
+        text_encoder.load_state_dict(state["text_encoder"])
+        ema_unet.load_state_dict(state["ema_unet"])
+        ema_text.load_state_dict(state["ema_text"])
+        opt.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        first, running = state["step"], state["running"]
+        log(f"resumed from {state_path} at step {first}")
+    for step in range(first, steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr, warmup=200)
+        idx = torch.randint(0, len(latent_mean), (batch_size,), generator=generator)
+        latents = latent_mean[idx] + latent_std[idx] * torch.randn(latent_mean[idx].shape, generator=generator)
+        latents = latents * scheduler.latent_scale
+        batch_ids = ids[idx].clone()
+        drop = torch.rand(batch_size, generator=generator) < caption_dropout
+        batch_ids[drop] = empty
+        noise = torch.randn(latents.shape, generator=generator)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
+        noisy = scheduler.add_noise(latents, noise, t)
+        pred = unet(noisy, t, text_encoder(batch_ids)[0]).sample
+        weight = torch.clamp(snr[t], max=snr_gamma) / snr[t]  # min-SNR-γ for ε-prediction
+        loss = (weight * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema_params, params, strict=False):
+                e.lerp_(p, 1 - decay)
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if state_path is not None and (step + 1) % save_every == 0 and step + 1 < steps:
+            state = {"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
+                     "ema_unet": ema_unet.state_dict(), "ema_text": ema_text.state_dict(),
+                     "optimizer": opt.state_dict(), "generator": generator.get_state(), "step": step + 1,
+                     "running": running}
+            torch.save(state, str(state_path) + ".tmp")
+            Path(str(state_path) + ".tmp").replace(state_path)
+        if step % 100 == 0 or step == steps - 1:
+            log(f"unet step {step:5d}/{steps}  loss {running:.4f}  lr {opt.param_groups[0]['lr']:.2e}")
+    return ema_unet, ema_text
+
+
+def build_pipeline(unet, vae, text_encoder, tokenizer):
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    scheduler = DPMSolverMultistepScheduler(**components.make_scheduler_config())
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+JUDGE_STEPS = 20
+JUDGE_GUIDANCE = 4.0
+
+
+@torch.no_grad()
+def judge_pipeline(pipe, seeds=(0, 1), steps: int = JUDGE_STEPS, guidance_scale: float = JUDGE_GUIDANCE,
+                   cross_attention_kwargs=None):
+    """Generate every in-world prompt once per seed; returns (scores, images, targets)."""
+    targets = world.in_world_prompts()
+    prompts = [f"a {c} {s} on a {b} background" for s, c, b in targets]
+    images, all_targets = [], []
+    for seed in seeds:
+        g = torch.Generator().manual_seed(seed)
+        out = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance_scale, generator=g,
+                   height=world.IMAGE_SIZE, width=world.IMAGE_SIZE, cross_attention_kwargs=cross_attention_kwargs)
+        images += out.images
+        all_targets += targets
+    return judge_in_world(images, all_targets), images, all_targets
+
+
+def image_grid(images, columns: int):
+    from PIL import Image
+
+    w, h = images[0].size
+    rows = math.ceil(len(images) / columns)
+    grid = Image.new("RGB", (columns * w, rows * h), "white")
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % columns) * w, (i // columns) * h))
+    return grid
+
+
+def pretrain(output_dir: str | Path, *, seed: int = 0, dataset_size: int = 20000, vae_steps: int = 800,
+             vae_batch_size: int = 32, unet_steps: int = 3600, batch_size: int = 64, lr: float = 1e-3,
+             threads: int | None = None, log=print) -> dict:
+    from diffusers import DDPMScheduler
+
+    output_dir = Path(output_dir)
+    if threads:
+        torch.set_num_threads(threads)
+    start = time.time()
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    pixels, captions = render_dataset(dataset_size, seed)
+    log(f"rendered {len(pixels)} scenes in {time.time() - start:.1f}s")
+
+    tokenizer = components.make_tokenizer(output_dir / "tokenizer")
+    text_encoder = components.make_text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    vae, unet = components.make_vae(), components.make_unet()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    vae_state = output_dir / ".pretrain-vae.pt"
+    t0 = time.time()
+    if vae_state.is_file():  # resuming: phase 1 is done
+        saved = torch.load(vae_state, weights_only=False)
+        vae.load_state_dict(saved["vae"])
+        generator.set_state(saved["generator"])
+        vae.eval()
+        log(f"resumed the VAE from {vae_state}")
+    else:
+        train_vae(vae, pixels, vae_steps, vae_batch_size, lr, generator, log)
+        torch.save({"vae": vae.state_dict(), "generator": generator.get_state()}, vae_state)
+    vae_time = time.time() - t0
+    latent_mean, latent_std = encode_dataset(vae, pixels)
+    scale = 1.0 / latent_mean.std().item()
+    vae.register_to_config(scaling_factor=scale)
+    log(f"VAE trained in {vae_time:.0f}s; latent std {1 / scale:.3f} → scaling_factor {scale:.4f}")
+
+    scheduler = DDPMScheduler(**components.make_scheduler_config(), clip_sample=False)
+    scheduler.latent_scale = scale
+    t0 = time.time()
+    ema_unet, ema_text = train_denoiser(unet, text_encoder, tokenizer, scheduler, latent_mean, latent_std, captions,
+                                        steps=unet_steps, batch_size=batch_size, lr=lr, generator=generator, log=log,
+                                        state_path=output_dir / ".pretrain-state.pt")
+    unet_time = time.time() - t0
+
+    pipe = build_pipeline(ema_unet, vae, ema_text, tokenizer)
+    scores, images, _ = judge_pipeline(pipe)
+    pipe.save_pretrained(str(output_dir), safe_serialization=True)
+    image_grid(images, columns=len(world.in_world_prompts())).save(output_dir / "samples.png")
+    report = {
+        "seed": seed, "dataset_size": dataset_size, "vae_steps": vae_steps, "vae_batch_size": vae_batch_size,
+        "unet_steps": unet_steps, "batch_size": batch_size, "lr": lr, "threads": torch.get_num_threads(),
+        "vae_seconds": round(vae_time, 1), "unet_seconds": round(unet_time, 1),
+        "total_seconds": round(time.time() - start, 1), "scaling_factor": scale,
+        "judge": {"steps": JUDGE_STEPS, "guidance_scale": JUDGE_GUIDANCE, **scores},
+    }
+    (output_dir / "pretraining.json").write_text(json.dumps(report, indent=2) + "\n")
+    for f in (vae_state, output_dir / ".pretrain-state.pt"):
+        f.unlink(missing_ok=True)
+    log(f"judge on in-world prompts: {json.dumps(scores)}")
+    return report
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--output_dir", default=str(Path(__file__).resolve().parents[2] / "assets" / "toy-sd"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dataset_size", type=int, default=20000)
+    p.add_argument("--vae_steps", type=int, default=800)
+    p.add_argument("--unet_steps", type=int, default=3600)
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    pretrain(args.output_dir, seed=args.seed, dataset_size=args.dataset_size, vae_steps=args.vae_steps,
+             unet_steps=args.unet_steps, batch_size=args.batch_size, lr=args.lr, threads=args.threads,
+             log=lambda m: print(m, flush=True))
+    return 0

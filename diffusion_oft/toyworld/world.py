@@ -1,0 +1,192 @@
+"""The toy world: deterministic 64×64 scenes of one coloured shape on a plain or patterned background.
+
+Every scene is a :class:`Scene` (what is drawn) rendered by :func:`render` (Pillow, drawn at 4× and
+downsampled, so edges are anti-aliased) and described by :func:`caption`
+("a red circle on a blue background").  :func:`sample_scene` draws scenes from a seeded
+``random.Random``, so a dataset is reproducible from its seed.
+
+The novel subject of the DreamBooth task — a purple-and-orange striped star — uses a shape and a
+pattern that never occur in pretraining; its identifier token ("sks") is in the tokenizer's
+vocabulary but in no pretraining caption.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, replace
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+IMAGE_SIZE = 64
+SUPERSAMPLE = 4
+
+# RGB of every named colour of the world.
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (240, 210, 40),
+    "purple": (140, 50, 190),
+    "orange": (250, 140, 20),
+    "white": (245, 245, 245),
+    "black": (20, 20, 20),
+    "gray": (128, 128, 128),
+}
+CHECKER_COLOURS = ("white", "gray")  # the two colours of the "checkered" background
+CHECKER_CELL = 8  # px at 64×64
+
+OBJECT_COLOURS = ("red", "green", "blue", "yellow")
+SHAPES = ("circle", "square", "triangle")
+BACKGROUNDS = ("white", "black", "gray", "checkered", "red", "green", "blue", "yellow")
+
+# The DreamBooth subject: a shape and a pattern the pretraining world never shows.
+SUBJECT_TOKEN = "sks"
+SUBJECT_CLASS = "toy"
+SUBJECT_SHAPE = "star"
+SUBJECT_COLOURS = ("purple", "orange")  # horizontal stripes
+SUBJECT_STRIPE = 6  # px per stripe at 64×64
+ALL_SHAPES = SHAPES + (SUBJECT_SHAPE,)
+
+
+@dataclass(frozen=True)
+class Scene:
+    """One object on a background.  ``colour`` is a palette name, or "striped" for the subject."""
+
+    shape: str
+    colour: str
+    background: str
+    size: int  # bounding-box side in px (64×64 image)
+    cx: int  # bounding-box centre
+    cy: int
+
+    def bbox(self) -> tuple[int, int, int, int]:
+        half = self.size / 2
+        return (round(self.cx - half), round(self.cy - half), round(self.cx + half), round(self.cy + half))
+
+
+def caption(scene: Scene) -> str:
+    if scene.shape == SUBJECT_SHAPE:
+        return f"a {SUBJECT_TOKEN} {SUBJECT_CLASS} on a {scene.background} background"
+    return f"a {scene.colour} {scene.shape} on a {scene.background} background"
+
+
+def sample_scene(rng: random.Random, *, shape: str | None = None, colour: str | None = None,
+                 background: str | None = None, size_range: tuple[int, int] = (24, 40)) -> Scene:
+    """A random in-world scene; any of shape / colour / background can be fixed."""
+    shape = shape or rng.choice(SHAPES)
+    colour = colour or rng.choice(OBJECT_COLOURS)
+    if background is None:
+        background = rng.choice([b for b in BACKGROUNDS if b != colour])
+    if background == colour:
+        raise ValueError(f"a {colour} object on a {background} background would be invisible")
+    size = rng.randint(*size_range)
+    margin = 4 + size // 2
+    cx = rng.randint(margin, IMAGE_SIZE - margin)
+    cy = rng.randint(margin, IMAGE_SIZE - margin)
+    return Scene(shape, colour, background, size, cx, cy)
+
+
+def subject_scene(rng: random.Random, background: str = "white", size_range: tuple[int, int] = (30, 42)) -> Scene:
+    """The novel subject (a striped star) at a random size and position."""
+    scene = sample_scene(rng, shape=SHAPES[0], colour=OBJECT_COLOURS[0], background="white", size_range=size_range)
+    return replace(scene, shape=SUBJECT_SHAPE, colour="striped", background=background)
+
+
+def star_points(x0: float, y0: float, x1: float, y1: float, inner: float = 0.45) -> list[tuple[float, float]]:
+    """A five-pointed star (one point up) filling the box (x0, y0, x1, y1)."""
+    angles = [-np.pi / 2 + i * np.pi / 5 for i in range(10)]
+    radii = [1.0 if i % 2 == 0 else inner for i in range(10)]
+    xs = np.array([r * np.cos(a) for r, a in zip(radii, angles, strict=False)])
+    ys = np.array([r * np.sin(a) for r, a in zip(radii, angles, strict=False)])
+    xs = (xs - xs.min()) / (xs.max() - xs.min())
+    ys = (ys - ys.min()) / (ys.max() - ys.min())
+    return [(x0 + x * (x1 - x0), y0 + y * (y1 - y0)) for x, y in zip(xs, ys, strict=False)]
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, float, float], fill) -> None:
+    x0, y0, x1, y1 = box
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    elif shape == "triangle":
+        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
+    elif shape == "star":
+        draw.polygon(star_points(*box), fill=fill)
+    else:
+        raise ValueError(f"unknown shape {shape!r}; the world has {', '.join(ALL_SHAPES)}")
+
+
+def shape_mask(shape: str, box: tuple[float, float, float, float], size: int = IMAGE_SIZE) -> np.ndarray:
+    """Boolean (size, size) mask of ``shape`` drawn in ``box`` (pixel coordinates of a size×size image)."""
+    s = SUPERSAMPLE
+    img = Image.new("L", (size * s, size * s), 0)
+    draw_shape(ImageDraw.Draw(img), shape, tuple(v * s for v in box), fill=255)
+    return np.asarray(img.resize((size, size), Image.BOX)) >= 128
+
+
+def background_image(background: str, size: int = IMAGE_SIZE) -> Image.Image:
+    if background == "checkered":
+        a, b = (np.array(PALETTE[c], dtype=np.uint8) for c in CHECKER_COLOURS)
+        yy, xx = np.mgrid[0:size, 0:size]
+        cell = CHECKER_CELL * size // IMAGE_SIZE
+        odd = ((yy // cell + xx // cell) % 2).astype(bool)
+        return Image.fromarray(np.where(odd[..., None], b, a))
+    if background not in PALETTE:
+        raise ValueError(f"unknown background {background!r}; the world has {', '.join(BACKGROUNDS)}")
+    return Image.new("RGB", (size, size), PALETTE[background])
+
+
+def object_fill(scene: Scene, size: int) -> Image.Image:
+    """The object's fill as a full-size RGB image (plain colour, or the subject's stripes)."""
+    if scene.colour == "striped":
+        a, b = (np.array(PALETTE[c], dtype=np.uint8) for c in SUBJECT_COLOURS)
+        stripe = SUBJECT_STRIPE * size // IMAGE_SIZE
+        rows = (np.arange(size) // stripe % 2).astype(bool)[:, None, None]
+        return Image.fromarray(np.broadcast_to(np.where(rows, b, a), (size, size, 3)).copy())
+    return Image.new("RGB", (size, size), PALETTE[scene.colour])
+
+
+def render(scene: Scene) -> Image.Image:
+    """The 64×64 RGB image of a scene."""
+    s = SUPERSAMPLE
+    big = IMAGE_SIZE * s
+    img = background_image(scene.background, big)
+    mask = Image.new("L", (big, big), 0)
+    draw_shape(ImageDraw.Draw(mask), scene.shape, tuple(v * s for v in scene.bbox()), fill=255)
+    img.paste(object_fill(scene, big), (0, 0), mask)
+    return img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BOX)
+
+
+def luminance(name: str) -> float:
+    r, g, b = PALETTE[name]
+    return 0.299 * r + 0.587 * g + 0.114 * b  # what Canny sees (PIL's "L")
+
+
+def edges_visible(scene: Scene, min_contrast: float = 30.0) -> bool:
+    """Whether Canny(100, 200) sees the object's outline: red on green, blue on red, green on gray…
+    are colour edges of almost equal luminance, invisible to it (measured: contrast < 26 → no edge)."""
+    backgrounds = CHECKER_COLOURS if scene.background == "checkered" else (scene.background,)
+    colours = SUBJECT_COLOURS if scene.colour == "striped" else (scene.colour,)
+    return min(abs(luminance(c) - luminance(b)) for c in colours for b in backgrounds) >= min_contrast
+
+
+def edge_map(scene: Scene) -> Image.Image:
+    """The condition of the control task: Canny edges of the rendered scene (white on black)."""
+    from ..conditions import canny
+
+    return canny(render(scene))
+
+
+def in_world_prompts() -> list[tuple[str, str, str]]:
+    """A fixed, balanced set of (shape, colour, background) for judging in-world generation:
+    every shape × colour once, on backgrounds cycling through the world's backgrounds."""
+    out = []
+    i = 0
+    for shape in SHAPES:
+        for colour in OBJECT_COLOURS:
+            backgrounds = [b for b in BACKGROUNDS if b != colour]
+            out.append((shape, colour, backgrounds[i % len(backgrounds)]))
+            i += 1
+    return out
