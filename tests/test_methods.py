@@ -187,3 +187,24 @@ def test_invalid_structure_says_which_values_work():
         get_method_class("boft")(24, 8, AdapterConfig(method="boft", block_size=4, n_butterfly_factors=3))
     with pytest.raises(ValueError, match="block counts that work"):
         get_method_class("ether")(30, 8, AdapterConfig(method="ether", num_blocks=4))
+
+
+@pytest.mark.parametrize("tokens", [8, 200])  # below / above d_out: activation side / weight side
+def test_block_diagonal_linear_after_matches_rotate_then_linear(tokens):
+    """linear_after puts the rotation on the frozen weight when d_out < tokens (README, Performance);
+    value and gradients (x and the blocks) must equal rotating the activations, in float64."""
+    from diffusion_oft.methods.transforms import ButterflyTransform, rotate_weight_first
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, tokens // 2, 64, dtype=torch.float64, generator=g, requires_grad=True)
+    blocks = torch.randn(4, 16, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    weight = torch.randn(48, 64, dtype=torch.float64, generator=g)
+    transform = ButterflyTransform(blocks.unsqueeze(0), [0])
+    assert rotate_weight_first(x, weight) == (tokens > 48)
+    fast = transform.linear_after(x, weight)
+    reference = torch.nn.functional.linear(transform.right_mul(x), weight)
+    torch.testing.assert_close(fast, reference, rtol=1e-12, atol=1e-12)
+    upstream = torch.randn(fast.shape, dtype=torch.float64, generator=g)
+    for a, b in zip(torch.autograd.grad(fast, (x, blocks), upstream),
+                    torch.autograd.grad(reference, (x, blocks), upstream), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

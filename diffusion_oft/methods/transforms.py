@@ -48,6 +48,50 @@ def block_diag_right_mul(x: torch.Tensor, blocks: torch.Tensor, transpose: bool 
     return torch.bmm(xb, mats).transpose(0, 1).reshape(*lead, n * b)
 
 
+class _RotatedWeightLinear(torch.autograd.Function):
+    """(x @ BlockDiag(R)) @ W^T for a frozen W, computed as x @ (W @ BlockDiag(R)^T)^T.
+
+    Forward: the rotation goes onto the weight (d_out * d_in * b multiply-adds) instead of the
+    activations (tokens * d_in * b, plus two transposing copies of x), then one plain GEMM.
+    Backward: never forms a weight gradient (W is frozen): gz = g @ W, gx = gz @ BlockDiag(R)^T,
+    dR_k = x_k^T gz_k per block — the same products the activation-side path does.
+    x (..., n*b), blocks (n, b, b), weight (d_out, n*b).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, blocks: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, blocks, weight)
+        return F.linear(x, block_diag_right_mul(weight, blocks, transpose=True))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, blocks, weight = ctx.saved_tensors
+        n, b, _ = blocks.shape
+        gz = grad.reshape(-1, grad.shape[-1]) @ weight  # (tokens, d_in): the gradient at x @ BlockDiag(R)
+        gx = gblocks = None
+        if ctx.needs_input_grad[0]:
+            gx = block_diag_right_mul(gz, blocks, transpose=True).reshape(x.shape)
+        if ctx.needs_input_grad[1]:
+            xb = x.reshape(-1, n, b).transpose(0, 1)  # (n, tokens, b)
+            gzb = gz.reshape(-1, n, b).transpose(0, 1)
+            gblocks = torch.bmm(xb.transpose(1, 2), gzb)  # (n, b, b)
+        return gx, gblocks, None
+
+
+def rotate_weight_first(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The rule for where a block-diagonal input rotation goes in training (see README, Performance):
+    on the frozen weight when it has fewer rows than x has tokens (d_out < tokens: self-attention
+    and to_q/to_out on image tokens), else on the activations (cross-attention K/V see only the
+    77 text tokens).  Both avoid any weight gradient; only the forward product differs."""
+    tokens = x.numel() // max(1, x.shape[-1])
+    return (
+        weight.shape[0] < tokens
+        and not weight.requires_grad
+        and x.dtype == weight.dtype
+        and not torch.is_autocast_enabled(x.device.type)
+    )
+
+
 def butterfly_shuffle(x: torch.Tensor, level: int, block_size: int, inverse: bool = False) -> torch.Tensor:
     """x @ P_level^T (``inverse``: x @ P_level) for BOFT's level-``level`` butterfly permutation.
 
@@ -114,6 +158,11 @@ class ButterflyTransform(BlockTransform):
         rows = self.right_mul(probe)  # (span, d)
         blocks = rows.reshape(span, chunks, span).transpose(0, 1)  # (chunks, span, span)
         return ButterflyTransform(blocks.unsqueeze(0), [0])
+
+    def linear_after(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self.levels == [0] and rotate_weight_first(x, weight):
+            return _RotatedWeightLinear.apply(x, self.blocks[0].to(x.dtype), weight)
+        return F.linear(self.right_mul(x), weight)
 
     def inverse(self) -> ButterflyTransform:
         # T^-1 = F_m^-1 ... F_1^-1, each factor inverted block by block (small b x b solves), kept in
