@@ -180,6 +180,48 @@ def time_cases(unet, cases, inputs, rounds: int, device: str, compiled: bool = F
     return results
 
 
+def forward_time(unet: nn.Module, inputs, device: str) -> float:
+    sample, t, text = inputs
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    with torch.no_grad():
+        sync()
+        start = CLOCK()
+        unet(sample, t, text)
+        sync()
+    return CLOCK() - start
+
+
+def time_inference(unet, cases, inputs, rounds: int, device: str) -> dict[str, float]:
+    """Median no-grad eval forward of the base, and of each of our cases unmerged (transformed
+    weights cached, computed once) and merged; interleaved rounds after a warm-up."""
+    ours = [c for c in cases if c.kind == "ours"]
+    times: dict[str, list[float]] = {"frozen base": []}
+    for case in ours:
+        times[f"{case.name} unmerged (cached)"] = []
+        times[f"{case.name} merged"] = []
+    unet.eval()
+    for r in range(rounds + 1):
+        t = forward_time(unet, inputs, device)
+        if r:
+            times["frozen base"].append(t)
+        for case in ours:
+            do.add_adapter(unet, case.make())
+            unet.eval()
+            forward_time(unet, inputs, device)  # builds the cached weights
+            t = forward_time(unet, inputs, device)
+            do.merge_adapter(unet)
+            forward_time(unet, inputs, device)
+            t_merged = forward_time(unet, inputs, device)
+            do.unmerge_adapter(unet)
+            do.remove_adapter(unet)
+            if r:
+                times[f"{case.name} unmerged (cached)"].append(t)
+                times[f"{case.name} merged"].append(t_merged)
+        print(f"  inference round {r}/{rounds} done", file=sys.stderr, flush=True)
+    unet.train()
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def peak_memory_of(case: Case, args, resolution: int) -> float:
     """Peak RSS (GB) of a fresh process that builds the UNet and runs two steps of one case."""
     cmd = [
@@ -229,6 +271,7 @@ def main() -> None:
     parser.add_argument("--no-peft", action="store_true")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--no-inference", action="store_true", help="skip the eval-mode forward timings")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument(
@@ -300,7 +343,15 @@ def main() -> None:
             if memory:
                 row += f" {memory[case.name]:.2f} | {memory[case.name] / memory['frozen base']:.3f} |"
             print(row, flush=True)
-        report[res] = {"results": results, "compiled": compiled, "memory": memory}
+        inference = {}
+        if not args.no_inference:
+            inference = time_inference(unet, cases, inputs, rounds, args.device)
+            print(f"\n### inference at {res} px: no-grad forward in eval mode\n")
+            print("| config | forward (s) | / frozen base |")
+            print("| --- | ---: | ---: |")
+            for name, t in inference.items():
+                print(f"| {name} | {t:.3f} | {t / inference['frozen base']:.3f} |", flush=True)
+        report[res] = {"results": results, "compiled": compiled, "memory": memory, "inference": inference}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2, default=str)

@@ -24,6 +24,18 @@ WORDS = sorted(
 )
 
 
+def _bpe(pieces: list[str], merges: list[tuple[str, str]]) -> list[str]:
+    """Byte-pair encoding of one word's symbols: repeatedly apply the highest-priority merge."""
+    rank = {m: i for i, m in enumerate(merges)}
+    while len(pieces) > 1:
+        pairs = [(rank.get((a, b), len(rank)), i) for i, (a, b) in enumerate(zip(pieces, pieces[1:], strict=False))]
+        best, i = min(pairs)
+        if best == len(rank):
+            break
+        pieces = pieces[:i] + [pieces[i] + pieces[i + 1]] + pieces[i + 2:]
+    return pieces
+
+
 def write_tokenizer_files(directory: str | os.PathLike) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -31,20 +43,20 @@ def write_tokenizer_files(directory: str | os.PathLike) -> Path:
     vocab: dict[str, int] = {}
     for s in symbols + [s + "</w>" for s in symbols]:
         vocab[s] = len(vocab)
-    merges: list[str] = []
-    for word in WORDS:  # "red" → r e → "re"; re d</w> → "red</w>"
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        left = pieces[0]
-        for right in pieces[1:]:
-            merge = f"{left} {right}"
-            if merge not in merges:
-                merges.append(merge)
-            left = left + right
-            vocab.setdefault(left, len(vocab))
+    merges: list[tuple[str, str]] = []
+    for word in WORDS:
+        # Tokenize the word with the merges so far (as BPE will), then chain its pieces left to right
+        # with new, lower-priority merges: earlier words keep their tokenization.
+        pieces = _bpe(list(word[:-1]) + [word[-1] + "</w>"], merges)
+        while len(pieces) > 1:
+            merges.append((pieces[0], pieces[1]))
+            pieces = [pieces[0] + pieces[1]] + pieces[2:]
+            vocab.setdefault(pieces[0], len(vocab))
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
     (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    lines = [f"{a} {b}" for a, b in merges]
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(lines) + "\n", encoding="utf-8")
     return directory
 
 

@@ -79,7 +79,7 @@ def encode_dataset(vae, pixels, batch_size: int = 256) -> tuple[torch.Tensor, to
 
 def train_denoiser(unet, text_encoder, tokenizer, scheduler, latent_mean, latent_std, captions, *, steps, batch_size,
                    lr, generator, log, ema_decay=0.999, caption_dropout=0.1, snr_gamma=5.0, state_path=None,
-                   save_every=500):
+                   save_every=500, stop_after=None, info=None):
     """Joint text encoder + UNet training.  Returns the EMA copies (what gets saved).
 
     Every ``save_every`` steps the whole training state (weights, EMA, optimizer, RNG) is written
@@ -107,6 +107,8 @@ def train_denoiser(unet, text_encoder, tokenizer, scheduler, latent_mean, latent
         generator.set_state(state["generator"])
         first, running = state["step"], state["running"]
         log(f"resumed from {state_path} at step {first}")
+        if info is not None:
+            info["resumed_at"] = first
     for step in range(first, steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup=200)
@@ -138,6 +140,8 @@ def train_denoiser(unet, text_encoder, tokenizer, scheduler, latent_mean, latent
                      "running": running}
             torch.save(state, str(state_path) + ".tmp")
             Path(str(state_path) + ".tmp").replace(state_path)
+        if stop_after is not None and step + 1 >= stop_after:  # tests: an interruption
+            raise KeyboardInterrupt
         if step % 100 == 0 or step == steps - 1:
             log(f"unet step {step:5d}/{steps}  loss {running:.4f}  lr {opt.param_groups[0]['lr']:.2e}")
     return ema_unet, ema_text
@@ -187,7 +191,10 @@ def image_grid(images, columns: int):
 
 def pretrain(output_dir: str | Path, *, seed: int = 0, dataset_size: int = 20000, vae_steps: int = 800,
              vae_batch_size: int = 32, unet_steps: int = 3600, batch_size: int = 64, lr: float = 1e-3,
-             threads: int | None = None, log=print) -> dict:
+             threads: int | None = None, log=print, judge_seeds=(0, 1), judge_steps: int = JUDGE_STEPS,
+             save_every: int = 500, stop_after: int | None = None) -> dict:
+    """Run both phases (resuming from the state files in output_dir if a run was interrupted) and write
+    the pipeline, samples.png and pretraining.json to output_dir.  Returns the report."""
     from diffusers import DDPMScheduler
 
     output_dir = Path(output_dir)
@@ -223,13 +230,15 @@ def pretrain(output_dir: str | Path, *, seed: int = 0, dataset_size: int = 20000
     scheduler = DDPMScheduler(**components.make_scheduler_config(), clip_sample=False)
     scheduler.latent_scale = scale
     t0 = time.time()
+    info: dict = {}
     ema_unet, ema_text = train_denoiser(unet, text_encoder, tokenizer, scheduler, latent_mean, latent_std, captions,
                                         steps=unet_steps, batch_size=batch_size, lr=lr, generator=generator, log=log,
-                                        state_path=output_dir / ".pretrain-state.pt")
+                                        state_path=output_dir / ".pretrain-state.pt", save_every=save_every,
+                                        stop_after=stop_after, info=info)
     unet_time = time.time() - t0
 
     pipe = build_pipeline(ema_unet, vae, ema_text, tokenizer)
-    scores, images, _ = judge_pipeline(pipe)
+    scores, images, _ = judge_pipeline(pipe, seeds=judge_seeds, steps=judge_steps)
     pipe.save_pretrained(str(output_dir), safe_serialization=True)
     image_grid(images, columns=len(world.in_world_prompts())).save(output_dir / "samples.png")
     report = {
@@ -237,7 +246,8 @@ def pretrain(output_dir: str | Path, *, seed: int = 0, dataset_size: int = 20000
         "unet_steps": unet_steps, "batch_size": batch_size, "lr": lr, "threads": torch.get_num_threads(),
         "vae_seconds": round(vae_time, 1), "unet_seconds": round(unet_time, 1),
         "total_seconds": round(time.time() - start, 1), "scaling_factor": scale,
-        "judge": {"steps": JUDGE_STEPS, "guidance_scale": JUDGE_GUIDANCE, **scores},
+        "judge": {"steps": judge_steps, "guidance_scale": JUDGE_GUIDANCE, "seeds": list(judge_seeds), **scores},
+        "resumed_at": info.get("resumed_at"),
     }
     (output_dir / "pretraining.json").write_text(json.dumps(report, indent=2) + "\n")
     for f in (vae_state, output_dir / ".pretrain-state.pt"):

@@ -1,0 +1,152 @@
+"""The toy world: generator, judge, tokenizer, shipped datasets and the shipped pretrained model."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffusion_oft.toyworld import judge, world
+from diffusion_oft.toyworld.components import RARE_TOKENS, WORDS, make_tokenizer
+from diffusion_oft.toyworld.datasets import SUBJECT_PROMPT, write_control_dataset, write_subject_dataset
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+TOY_SD = ASSETS / "toy-sd"
+MAIN_JOB_STEPS, MAIN_JOB_LR = 100, 3e-3  # a shortened README main job (see README, Quick start)
+
+
+def test_judge_reads_every_rendered_scene_exactly():
+    rng = random.Random(123)
+    scenes = [world.sample_scene(rng) for _ in range(300)]
+    readings = [judge.read_image(world.render(s)) for s in scenes]
+    wrong = [(s, r.shape, r.colour, r.background) for s, r in zip(scenes, readings, strict=True)
+             if (r.shape, r.colour, r.background) != (s.shape, s.colour, s.background)]
+    assert not wrong, wrong[:3]
+    targets = [(s.shape, s.colour, s.background) for s in scenes]
+    assert judge.judge_in_world([world.render(s) for s in scenes[:20]], targets[:20])["in_world"] == 1.0
+
+
+def test_judge_tells_wrong_shape_colour_and_background_apart():
+    scene = world.Scene("circle", "red", "white", 30, 32, 32)
+    image = world.render(scene)
+    assert judge.judge_in_world([image], [("square", "red", "white")])["in_world"] == 0.0
+    assert judge.judge_in_world([image], [("circle", "blue", "white")])["in_world"] == 0.0
+    assert judge.judge_in_world([image], [("circle", "red", "black")])["background"] == 0.0
+    blank = Image.new("RGB", (64, 64), world.PALETTE["gray"])
+    assert judge.read_image(blank).shape is None
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    assert judge.judge_in_world([noise], [("circle", "red", "white")])["in_world"] == 0.0
+
+
+def test_subject_fidelity_separates_the_subject_from_in_world_objects():
+    rng = random.Random(5)
+    subjects = [world.subject_scene(rng, background=b) for b in ("white", "black", "gray", "checkered")]
+    objects = [world.sample_scene(rng) for _ in range(12)]
+    on_subject = judge.judge_subject([world.render(s) for s in subjects], [s.background for s in subjects])
+    on_objects = judge.judge_subject([world.render(s) for s in objects], [s.background for s in objects])
+    assert on_subject["subject_fidelity"] > 0.9 and on_subject["is_star"] == 1.0
+    assert on_subject["prompt_fidelity"] == 1.0
+    assert on_objects["subject_fidelity"] < 0.45 and on_objects["is_star"] == 0.0
+
+
+def test_tokenizer_has_whole_word_tokens_and_unused_rare_tokens(tmp_path):
+    from transformers import AutoTokenizer, CLIPTokenizer
+
+    make_tokenizer(tmp_path)  # vocab.json + merges.txt, then saved as the pipeline folder has it
+    for tok in (CLIPTokenizer.from_pretrained(str(tmp_path)), AutoTokenizer.from_pretrained(str(tmp_path))):
+        for word in WORDS:
+            assert tok.tokenize(word) == [word + "</w>"], word
+        assert tok.tokenize("a zebra") == ["a</w>"] + tok.tokenize("zebra")  # unknown words: characters
+    from diffusion_oft.toyworld.pretrain import render_dataset
+
+    _, captions = render_dataset(500, seed=0)
+    used = {w for c in captions for w in c.split()}
+    assert not used & set(RARE_TOKENS)
+
+
+def test_shipped_datasets_are_reproducible_from_their_seeds(tmp_path):
+    written = write_subject_dataset(tmp_path / "subject")
+    shipped = sorted((ASSETS / "subject").glob("*.png"))
+    assert [p.name for p in written] == [p.name for p in shipped]
+    for a, b in zip(written, shipped, strict=True):
+        assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+    write_control_dataset(tmp_path / "control")
+    assert (tmp_path / "control" / "metadata.jsonl").read_text() == (ASSETS / "control" / "metadata.jsonl").read_text()
+    row = json.loads((ASSETS / "control" / "metadata.jsonl").read_text().splitlines()[7])
+    for key in ("image", "conditioning_image"):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "control" / row[key])),
+                              np.asarray(Image.open(ASSETS / "control" / row[key])))
+    assert SUBJECT_PROMPT == "a sks toy on a white background"
+
+
+def test_pretraining_script_runs_resumes_and_writes_a_diffusers_folder(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from diffusion_oft.toyworld.pretrain import pretrain
+
+    kwargs = dict(dataset_size=16, vae_steps=2, vae_batch_size=2, batch_size=2, lr=1e-4, judge_seeds=(0,),
+                  judge_steps=2, save_every=2)
+    with pytest.raises(KeyboardInterrupt):  # interrupted after the step-2 state was written
+        pretrain(tmp_path / "a", unet_steps=4, stop_after=3, **kwargs)
+    assert (tmp_path / "a" / ".pretrain-state.pt").is_file()
+    resumed = pretrain(tmp_path / "a", unet_steps=4, **kwargs)
+    straight = pretrain(tmp_path / "b", unet_steps=4, **kwargs)
+    assert resumed["resumed_at"] == 2
+    a = StableDiffusionPipeline.from_pretrained(str(tmp_path / "a"))
+    b = StableDiffusionPipeline.from_pretrained(str(tmp_path / "b"))
+    for pa, pb in zip(a.unet.parameters(), b.unet.parameters(), strict=True):
+        assert torch.equal(pa, pb)  # resuming is bit-exact
+    assert not (tmp_path / "a" / ".pretrain-state.pt").exists()
+
+
+needs_model = pytest.mark.skipif(not (TOY_SD / "model_index.json").is_file(), reason="assets/toy-sd not built")
+
+
+@needs_model
+def test_shipped_model_loads_offline_and_draws_the_world():
+    from diffusers import StableDiffusionPipeline
+
+    from diffusion_oft.toyworld.pretrain import judge_pipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(TOY_SD), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.tokenizer.tokenize("sks") == ["sks</w>"]
+    scores, _, _ = judge_pipeline(pipe, seeds=(0,))
+    assert scores["in_world"] >= 0.75, scores  # 12 prompts, one seed; the two-seed figure is in pretraining.json
+    report = json.loads((TOY_SD / "pretraining.json").read_text())
+    assert report["judge"]["in_world"] >= 0.8
+
+
+@needs_model
+def test_dreambooth_on_the_toy_model_learns_the_subject_and_the_judge_reports_it(tmp_path):
+    """A short run of the README's main job: the judge's figures are written and the subject is learnt
+    (subject fidelity well above the base model's), while in-world prompts keep working."""
+    from diffusion_oft.training.dreambooth import main as train_main
+
+    out = tmp_path / "run"
+    summary = train_main([
+        "--pretrained_model_name_or_path", str(TOY_SD), "--instance_data_dir", str(ASSETS / "subject"),
+        "--instance_prompt", SUBJECT_PROMPT, "--resolution", "64", "--output_dir", str(out),
+        "--max_train_steps", str(MAIN_JOB_STEPS), "--learning_rate", str(MAIN_JOB_LR), "--train_batch_size", "4",
+        "--validation_steps", "100000", "--report_to", "none", "--judge", "toyworld",
+    ])
+    scores = json.loads((out / "judge.json").read_text())
+    assert scores == summary["judge"]
+    base, adapted = scores["base model"], scores["with the adapter"]
+    assert adapted["subject_fidelity"] > base["subject_fidelity"] + 0.2, scores
+    assert adapted["prior_preservation"] >= base["prior_preservation"] - 0.2, scores
+    assert (out / "judge.png").is_file() and "subject fidelity" in (out / "judge.md").read_text()
+
+
+def test_judge_flag_needs_64_pixel_images(tmp_path):
+    from diffusion_oft.training.dreambooth import main as train_main
+
+    with pytest.raises(ValueError, match="--resolution 64"):
+        train_main(["--pretrained_model_name_or_path", str(TOY_SD), "--instance_data_dir", str(ASSETS / "subject"),
+                    "--instance_prompt", SUBJECT_PROMPT, "--resolution", "32", "--output_dir", str(tmp_path / "o"),
+                    "--judge", "toyworld"])
