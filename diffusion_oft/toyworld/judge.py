@@ -15,8 +15,8 @@ Scores (each in [0, 1], means over images):
   finetuning it is **prior preservation**);
 - ``prompt_fidelity``: the requested background is there (for subject prompts: the subject was
   recontextualised onto the asked background — the analogue of CLIP-T);
-- ``subject_fidelity``: ½·IoU of the object with the star drawn in its box + ½·fraction of the
-  object's pixels in the subject's colours (the analogue of DINO / CLIP-I similarity);
+- ``subject_fidelity``: ½·IoU of the object with the star drawn in its box + ½·share of the object's
+  pixels nearest to the subject's colours or their blend (the analogue of DINO / CLIP-I similarity);
 - control fidelity is the Canny edge F1 / IoU of :mod:`diffusion_oft.conditions`.
 """
 
@@ -53,6 +53,7 @@ class Reading:
     area: int
     shape_iou: dict[str, float] = field(default_factory=dict)
     colour_fractions: dict[str, float] = field(default_factory=dict)
+    subject_share: float = 0.0
 
 
 def _as_array(image: Image.Image | np.ndarray) -> np.ndarray:
@@ -128,14 +129,25 @@ def read_image(image: Image.Image | np.ndarray) -> Reading:
         union = (template | mask).sum()
         ious[shape] = float((template & mask).sum() / union) if union else 0.0
     shape = max(ious, key=ious.get)
-    return Reading(background, colour, shape, area, ious, fractions)
+    return Reading(background, colour, shape, area, ious, fractions, subject_colour_share(rgb, mask))
+
+
+# The subject's stripes blur into each other at 64 px through the autoencoder: their mean colour counts too.
+_SUBJECT_BLEND = np.mean([PALETTE[c] for c in SUBJECT_COLOURS], axis=0).astype(np.float32)
+_RGB_WITH_BLEND = np.concatenate([_RGB, _SUBJECT_BLEND[None]])
+_SUBJECT_INDICES = [_NAMES.index(c) for c in SUBJECT_COLOURS] + [len(_NAMES)]
+
+
+def subject_colour_share(rgb: np.ndarray, mask: np.ndarray) -> float:
+    """Share of the object's pixels nearer to a subject colour (or their blend) than to any other colour."""
+    d = ((rgb[mask][:, None, :] - _RGB_WITH_BLEND) ** 2).sum(-1)
+    return float(np.isin(d.argmin(-1), _SUBJECT_INDICES).mean())
 
 
 def subject_score(reading: Reading) -> float:
     if reading.shape is None:
         return 0.0
-    in_colours = sum(reading.colour_fractions.get(c, 0.0) for c in SUBJECT_COLOURS)
-    return 0.5 * reading.shape_iou[SUBJECT_SHAPE] + 0.5 * in_colours
+    return 0.5 * reading.shape_iou[SUBJECT_SHAPE] + 0.5 * reading.subject_share
 
 
 def judge_in_world(images, targets) -> dict[str, float]:

@@ -35,6 +35,28 @@ def render_dataset(n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
     return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), [world.caption(s) for s in scenes]
 
 
+def render_vae_dataset(world_pixels: torch.Tensor, n_generic: int, seed: int) -> torch.Tensor:
+    """The autoencoder's images: the world scenes plus ``n_generic`` random generic images."""
+    rng = random.Random(seed + 1)
+    generic = np.stack([np.asarray(world.generic_image(rng)) for _ in range(n_generic)])
+    return torch.cat([world_pixels, torch.from_numpy(generic).permute(0, 3, 1, 2)])
+
+
+@torch.no_grad()
+def subject_reconstruction(vae) -> float:
+    """Subject fidelity of the VAE's reconstructions of subject images (can it represent the subject?)."""
+    from .judge import judge_subject
+
+    rng = random.Random(7)
+    images = [world.render(world.subject_scene(rng)) for _ in range(8)]
+    x = torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2)
+    recon = vae.decode(vae.encode(to_unit(x)).latent_dist.mean).sample
+    recon = ((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    from PIL import Image
+
+    return judge_subject([Image.fromarray(r) for r in recon], ["white"] * len(images))["subject_fidelity"]
+
+
 def to_unit(pixels_uint8: torch.Tensor) -> torch.Tensor:
     return pixels_uint8.float() / 127.5 - 1.0
 
@@ -189,8 +211,8 @@ def image_grid(images, columns: int):
     return grid
 
 
-def pretrain(output_dir: str | Path, *, seed: int = 0, dataset_size: int = 20000, vae_steps: int = 800,
-             vae_batch_size: int = 32, unet_steps: int = 3600, batch_size: int = 64, lr: float = 1e-3,
+def pretrain(output_dir: str | Path, *, seed: int = 0, dataset_size: int = 20000, vae_steps: int = 1200,
+             vae_batch_size: int = 32, unet_steps: int = 2800, batch_size: int = 64, lr: float = 1e-3,
              threads: int | None = None, log=print, judge_seeds=(0, 1), judge_steps: int = JUDGE_STEPS,
              save_every: int = 500, stop_after: int | None = None) -> dict:
     """Run both phases (resuming from the state files in output_dir if a run was interrupted) and write
@@ -219,13 +241,17 @@ def pretrain(output_dir: str | Path, *, seed: int = 0, dataset_size: int = 20000
         vae.eval()
         log(f"resumed the VAE from {vae_state}")
     else:
-        train_vae(vae, pixels, vae_steps, vae_batch_size, lr, generator, log)
+        vae_pixels = render_vae_dataset(pixels, n_generic=len(pixels), seed=seed)
+        train_vae(vae, vae_pixels, vae_steps, vae_batch_size, lr, generator, log)
+        del vae_pixels
         torch.save({"vae": vae.state_dict(), "generator": generator.get_state()}, vae_state)
     vae_time = time.time() - t0
     latent_mean, latent_std = encode_dataset(vae, pixels)
     scale = 1.0 / latent_mean.std().item()
     vae.register_to_config(scaling_factor=scale)
-    log(f"VAE trained in {vae_time:.0f}s; latent std {1 / scale:.3f} → scaling_factor {scale:.4f}")
+    vae_subject = subject_reconstruction(vae)
+    log(f"VAE trained in {vae_time:.0f}s; latent std {1 / scale:.3f} → scaling_factor {scale:.4f}; "
+        f"subject fidelity of its reconstructions {vae_subject:.3f}")
 
     scheduler = DDPMScheduler(**components.make_scheduler_config(), clip_sample=False)
     scheduler.latent_scale = scale
@@ -246,6 +272,7 @@ def pretrain(output_dir: str | Path, *, seed: int = 0, dataset_size: int = 20000
         "unet_steps": unet_steps, "batch_size": batch_size, "lr": lr, "threads": torch.get_num_threads(),
         "vae_seconds": round(vae_time, 1), "unet_seconds": round(unet_time, 1),
         "total_seconds": round(time.time() - start, 1), "scaling_factor": scale,
+        "vae_subject_reconstruction": round(vae_subject, 4),
         "judge": {"steps": judge_steps, "guidance_scale": JUDGE_GUIDANCE, "seeds": list(judge_seeds), **scores},
         "resumed_at": info.get("resumed_at"),
     }
@@ -261,8 +288,8 @@ def main(argv=None) -> int:
     p.add_argument("--output_dir", default=str(Path(__file__).resolve().parents[2] / "assets" / "toy-sd"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dataset_size", type=int, default=20000)
-    p.add_argument("--vae_steps", type=int, default=800)
-    p.add_argument("--unet_steps", type=int, default=3600)
+    p.add_argument("--vae_steps", type=int, default=1200)
+    p.add_argument("--unet_steps", type=int, default=2800)
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=2)

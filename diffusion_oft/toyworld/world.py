@@ -179,6 +179,46 @@ def edge_map(scene: Scene) -> Image.Image:
     return canny(render(scene))
 
 
+def generic_image(rng: random.Random) -> Image.Image:
+    """A random image for the autoencoder only: 1–3 polygons (3–8 vertices), ellipses or rectangles in
+    random colours, plain or striped (any direction, period 3–12 px), on a random plain background.
+
+    The VAE is a general image codec (as Stable Diffusion's is), not a model of the world: trained on
+    world scenes alone it cannot encode colours and patterns it never saw (the subject's purple and
+    orange stripes came back green).  No caption, no star: the text-to-image model never sees these."""
+    s = SUPERSAMPLE
+    size = IMAGE_SIZE * s
+
+    def colour():
+        return tuple(rng.randint(0, 255) for _ in range(3))
+
+    plain = rng.random() < 0.5
+    img = Image.new("RGB", (size, size), colour() if plain else PALETTE[rng.choice(["white", "black", "gray"])])
+    yy, xx = np.mgrid[0:size, 0:size]
+    for _ in range(rng.randint(1, 3)):
+        mask = Image.new("L", (size, size), 0)
+        draw = ImageDraw.Draw(mask)
+        cx, cy, r = rng.uniform(0.2, 0.8) * size, rng.uniform(0.2, 0.8) * size, rng.uniform(0.1, 0.3) * size
+        kind = rng.choice(["polygon", "ellipse", "rectangle"])
+        if kind == "polygon":
+            angles = sorted(rng.uniform(0, 2 * np.pi) for _ in range(rng.randint(3, 8)))
+            draw.polygon([(cx + r * rng.uniform(0.7, 1) * np.cos(a), cy + r * rng.uniform(0.7, 1) * np.sin(a))
+                          for a in angles], fill=255)
+        elif kind == "ellipse":
+            draw.ellipse([cx - r, cy - r * rng.uniform(0.5, 1), cx + r, cy + r * rng.uniform(0.5, 1)], fill=255)
+        else:
+            draw.rectangle([cx - r, cy - r * rng.uniform(0.5, 1), cx + r, cy + r], fill=255)
+        a, b = np.array(colour(), np.uint8), np.array(colour(), np.uint8)
+        if rng.random() < 0.6:
+            period = rng.randint(3, 12) * s
+            coordinate = (yy, xx, yy + xx, yy - xx)[rng.randint(0, 3)]
+            fill = np.where(((coordinate // period) % 2).astype(bool)[..., None], a, b)
+        else:
+            fill = np.broadcast_to(a, (size, size, 3))
+        img.paste(Image.fromarray(np.ascontiguousarray(fill)), (0, 0), mask)
+    return img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BOX)
+
+
 def in_world_prompts() -> list[tuple[str, str, str]]:
     """A fixed, balanced set of (shape, colour, background) for judging in-world generation:
     every shape × colour once, on backgrounds cycling through the world's backgrounds."""
