@@ -272,6 +272,8 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--no-inference", action="store_true", help="skip the eval-mode forward timings")
+    parser.add_argument("--cases", nargs="+", default=None,
+                        help="only the configs whose name contains one of these strings (the frozen base is kept)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument(
@@ -297,6 +299,8 @@ def main() -> None:
     resolutions = [int(r) for r in (args.resolutions or ("256" if args.quick else "256,512")).split(",")]
     rounds = args.rounds or (2 if args.quick else 3)
     cases = all_cases(args.quick, with_peft)
+    if args.cases:
+        cases = [c for c in cases if c.kind == "base" or any(key in c.name for key in args.cases)]
     print(
         f"# diffusion-oft speed benchmark: SD 1.5 UNet architecture (random weights), {args.device} {args.dtype}, "
         f"batch {args.batch}, adapters on {'/'.join(TARGETS)} of all attention modules"

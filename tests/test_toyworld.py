@@ -95,7 +95,7 @@ def test_pretraining_script_runs_resumes_and_writes_a_diffusers_folder(tmp_path)
         pretrain(tmp_path / "a", unet_steps=4, stop_after=3, **kwargs)
     assert (tmp_path / "a" / ".pretrain-state.pt").is_file()
     resumed = pretrain(tmp_path / "a", unet_steps=4, **kwargs)
-    straight = pretrain(tmp_path / "b", unet_steps=4, **kwargs)
+    pretrain(tmp_path / "b", unet_steps=4, **kwargs)
     assert resumed["resumed_at"] == 2
     a = StableDiffusionPipeline.from_pretrained(str(tmp_path / "a"))
     b = StableDiffusionPipeline.from_pretrained(str(tmp_path / "b"))
@@ -150,3 +150,29 @@ def test_judge_flag_needs_64_pixel_images(tmp_path):
         train_main(["--pretrained_model_name_or_path", str(TOY_SD), "--instance_data_dir", str(ASSETS / "subject"),
                     "--instance_prompt", SUBJECT_PROMPT, "--resolution", "32", "--output_dir", str(tmp_path / "o"),
                     "--judge", "toyworld"])
+
+
+def test_captioned_class_images_replace_the_class_prompt(tmp_path):
+    """assets/prior: in-world images with <name>.txt captions regenerate from their seed, and serve as
+    prior-preservation images without --class_prompt (each image trains with its own caption)."""
+    from diffusion_oft.toyworld.datasets import write_prior_dataset
+    from diffusion_oft.training.args import dreambooth_parser, finalize_args
+    from diffusion_oft.training.data import DreamBoothDataset, collate_dreambooth, list_images
+
+    written = write_prior_dataset(tmp_path / "prior")
+    for path in written:
+        shipped = ASSETS / "prior" / path.name
+        assert np.array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(shipped)))
+        assert path.with_suffix(".txt").read_text() == shipped.with_suffix(".txt").read_text()
+    common = ["--pretrained_model_name_or_path", "unused", "--instance_data_dir", str(ASSETS / "subject"),
+              "--instance_prompt", SUBJECT_PROMPT, "--resolution", "64", "--output_dir", str(tmp_path / "o"),
+              "--with_prior_preservation", "--num_class_images", "24"]
+    finalize_args(dreambooth_parser().parse_args(common + ["--class_data_dir", str(ASSETS / "prior")]))
+    (tmp_path / "prior" / "prior_03.txt").unlink()  # one image without a caption: a class prompt is needed
+    with pytest.raises(ValueError, match="--class_prompt"):
+        finalize_args(dreambooth_parser().parse_args(common + ["--class_data_dir", str(tmp_path / "prior")]))
+    data = DreamBoothDataset(list_images(ASSETS / "subject", "x"), 64, True, 0, list_images(ASSETS / "prior", "x"))
+    batch = collate_dreambooth([data[(i, 0)] for i in range(3)])
+    assert batch["num_instance"] == 3 and batch["pixel_values"].shape[0] == 6
+    assert batch["class_captions"] == [(ASSETS / "prior" / f"prior_{i:02d}.txt").read_text().strip()
+                                       for i in range(3)]

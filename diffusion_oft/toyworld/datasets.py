@@ -49,3 +49,21 @@ def write_control_dataset(folder: str | Path, n: int = 120, seed: int = 2000) ->
     meta = folder / "metadata.jsonl"
     meta.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return meta
+
+
+def write_prior_dataset(folder: str | Path, n: int = 24, seed: int = 3000) -> list[Path]:
+    """n in-world scenes with their captions in ``<name>.txt`` (kohya's convention): regularisation
+    images for DreamBooth's prior-preservation loss (``--class_data_dir``; no --class_prompt needed).
+    Every shape × colour of the world twice, on random backgrounds, sizes and places."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    paths = []
+    for i in range(n):
+        shape, colour, _ = world.in_world_prompts()[i % len(world.in_world_prompts())]
+        scene = world.sample_scene(rng, shape=shape, colour=colour)
+        path = folder / f"prior_{i:02d}.png"
+        world.render(scene).save(path)
+        path.with_suffix(".txt").write_text(world.caption(scene) + "\n", encoding="utf-8")
+        paths.append(path)
+    return paths

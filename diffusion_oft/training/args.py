@@ -278,6 +278,16 @@ def finalize_args(args, task: str = "dreambooth"):
     return args
 
 
+def _all_class_images_captioned(args) -> bool:
+    from .data import list_images, sidecar_caption
+
+    folder = Path(args.class_data_dir) if args.class_data_dir else None
+    if folder is None or not folder.is_dir():
+        return False
+    images = list_images(folder, "--class_data_dir", strict=getattr(args, "strict", False))[: args.num_class_images]
+    return len(images) >= args.num_class_images and all(sidecar_caption(p) for p in images)
+
+
 def _finalize_dreambooth(args) -> None:
     from .data import list_images
 
@@ -286,8 +296,10 @@ def _finalize_dreambooth(args) -> None:
     if args.with_prior_preservation:
         if args.class_data_dir is None:
             raise ValueError("--with_prior_preservation needs --class_data_dir (missing class images are generated)")
-        if args.class_prompt is None:
-            raise ValueError('--with_prior_preservation needs --class_prompt (e.g. "a photo of a dog")')
+        if args.class_prompt is None and not _all_class_images_captioned(args):
+            raise ValueError('--with_prior_preservation needs --class_prompt (e.g. "a photo of a dog"), or '
+                             f"--num_class_images ({args.num_class_images}) class images in --class_data_dir "
+                             "with a caption each in <image name>.txt")
         if args.num_class_images < 1:
             raise ValueError(f"--num_class_images must be >= 1, got {args.num_class_images}")
         if args.sample_batch_size < 1:

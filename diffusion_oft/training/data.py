@@ -133,6 +133,15 @@ def to_tensor(image: Image.Image, normalize: bool = True) -> torch.Tensor:
     return array * 2.0 - 1.0 if normalize else array
 
 
+def sidecar_caption(path: Path) -> str | None:
+    """The caption of an image from ``<name>.txt`` next to it (kohya's convention), or None."""
+    txt = Path(path).with_suffix(".txt")
+    if txt.is_file():
+        text = txt.read_text(encoding="utf-8").strip()
+        return text or None
+    return None
+
+
 class DreamBoothDataset(torch.utils.data.Dataset):
     """Instance images (and class images for prior preservation), keyed by (index, epoch).
 
@@ -166,7 +175,9 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, epoch, index])
         item = {"instance": self._load(self.instance_images[index % len(self.instance_images)], rng)}
         if self.class_images:
-            item["class"] = self._load(self.class_images[index % len(self.class_images)], rng)
+            path = self.class_images[index % len(self.class_images)]
+            item["class"] = self._load(path, rng)
+            item["class"]["caption"] = sidecar_caption(path)
         return item
 
 
@@ -181,6 +192,7 @@ def collate_dreambooth(examples: list[dict]) -> dict:
         "original_sizes": [p["original_size"] for p in parts],
         "crop_top_lefts": [p["crop_top_left"] for p in parts],
         "num_instance": n_instance,
+        "class_captions": [p.get("caption") for p in parts[n_instance:]],  # None: --class_prompt
     }
 
 

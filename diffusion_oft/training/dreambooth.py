@@ -183,7 +183,8 @@ class DreamBoothTrainer(AdapterTrainer):
         timesteps = sample_timesteps(latents.shape[0], base.noise_scheduler, generator, device)
         noisy = base.noise_scheduler.add_noise(latents, noise, timesteps)
         n_inst = batch["num_instance"]
-        prompts = [args.instance_prompt] * n_inst + [args.class_prompt] * (latents.shape[0] - n_inst)
+        captions = batch.get("class_captions") or [None] * (latents.shape[0] - n_inst)
+        prompts = [args.instance_prompt] * n_inst + [c or args.class_prompt for c in captions]
         embeds, pooled = self.encode(prompts)
         kwargs = {}
         if base.is_sdxl:
@@ -250,7 +251,8 @@ class DreamBoothTrainer(AdapterTrainer):
             ("learning rate", f"{args.learning_rate:g} ({args.lr_scheduler})"),
             ("resolution", str(args.resolution)),
             ("instance prompt", f"`{args.instance_prompt}` ({self.num_instance_images} images)"),
-            ("prior preservation", f"`{args.class_prompt}`, {self.num_class_images} class images, weight "
+            ("prior preservation", f"`{args.class_prompt or 'captioned'}`, {self.num_class_images} class images, "
+                                   f"weight "
                                    f"{args.prior_loss_weight:g}" if args.with_prior_preservation else "no"),
             ("text encoder adapter", "yes" if args.train_text_encoder else "no"),
         ]
