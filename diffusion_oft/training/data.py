@@ -44,6 +44,8 @@ def list_images(
     for path in sorted(folder.iterdir()):
         if path.name.startswith(".") or path.is_dir():
             continue
+        if path.suffix.lower() == ".txt" and any(path.with_suffix(s).is_file() for s in IMAGE_SUFFIXES):
+            continue  # an image's caption (kohya's convention), not a stray file
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             problem = (f"{flag} {folder}: {path.name} is not an image (expected {', '.join(IMAGE_SUFFIXES)}); "
                        "move it out of the folder")
