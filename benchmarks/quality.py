@@ -45,13 +45,16 @@ LR_FACTORS = (0.3, 1.0, 3.0)
 
 
 def subject_data(pipe):
+    """The subject's photos with their captions (``<name>.txt``, else the instance prompt)."""
     from PIL import Image
 
     from diffusion_oft.toyworld.datasets import SUBJECT_PROMPT
     from diffusion_oft.toyworld.finetune import encode, pixels_of
+    from diffusion_oft.training.data import sidecar_caption
 
-    images = [Image.open(p) for p in sorted((ROOT / "assets" / "subject").glob("*.png"))]
-    return encode(pipe, pixels_of(images), [SUBJECT_PROMPT] * len(images))
+    paths = sorted((ROOT / "assets" / "subject").glob("*.png"))
+    captions = [sidecar_caption(p) or SUBJECT_PROMPT for p in paths]
+    return encode(pipe, pixels_of([Image.open(p) for p in paths]), captions)
 
 
 def control_data(pipe):

@@ -75,6 +75,11 @@ def test_shipped_datasets_are_reproducible_from_their_seeds(tmp_path):
     assert [p.name for p in written] == [p.name for p in shipped]
     for a, b in zip(written, shipped, strict=True):
         assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+        assert a.with_suffix(".txt").read_text() == b.with_suffix(".txt").read_text()
+    captions = [p.with_suffix(".txt").read_text().strip() for p in shipped]
+    assert captions[0] == SUBJECT_PROMPT and len(set(captions)) == len(shipped)  # one background per photo
+    assert all(c.startswith("a sks toy on a ") for c in captions)
+    assert {"black", "checkered", "green"}.isdisjoint(c.split()[-2] for c in captions)  # judged, never shown
     write_control_dataset(tmp_path / "control")
     assert (tmp_path / "control" / "metadata.jsonl").read_text() == (ASSETS / "control" / "metadata.jsonl").read_text()
     row = json.loads((ASSETS / "control" / "metadata.jsonl").read_text().splitlines()[7])
@@ -102,6 +107,7 @@ def test_pretraining_script_runs_resumes_and_writes_a_diffusers_folder(tmp_path)
     for pa, pb in zip(a.unet.parameters(), b.unet.parameters(), strict=True):
         assert torch.equal(pa, pb)  # resuming is bit-exact
     assert not (tmp_path / "a" / ".pretrain-state.pt").exists()
+
 
 
 needs_model = pytest.mark.skipif(not (TOY_SD / "model_index.json").is_file(), reason="assets/toy-sd not built")
@@ -179,3 +185,17 @@ def test_captioned_class_images_replace_the_class_prompt(tmp_path):
     assert batch["num_instance"] == 3 and batch["pixel_values"].shape[0] == 6
     assert batch["class_captions"] == [(ASSETS / "prior" / f"prior_{i:02d}.txt").read_text().strip()
                                        for i in range(3)]
+
+
+def test_captioned_instance_images_train_with_their_own_caption(tmp_path):
+    """An instance image with <name>.txt is trained with that caption; one without, with --instance_prompt."""
+    import shutil
+
+    from diffusion_oft.training.data import DreamBoothDataset, collate_dreambooth, list_images
+
+    folder = tmp_path / "subject"
+    shutil.copytree(ASSETS / "subject", folder)
+    (folder / "sks_1.txt").unlink()
+    data = DreamBoothDataset(list_images(folder, "x"), 64, True, 0)
+    batch = collate_dreambooth([data[(i, 0)] for i in range(3)])
+    assert batch["instance_captions"] == [SUBJECT_PROMPT, None, "a sks toy on a red background"]

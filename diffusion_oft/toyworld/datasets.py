@@ -11,15 +11,28 @@ from . import world
 SUBJECT_PROMPT = f"a {world.SUBJECT_TOKEN} {world.SUBJECT_CLASS} on a white background"
 
 
-def write_subject_dataset(folder: str | Path, n: int = 5, seed: int = 1000) -> list[Path]:
-    """n photos of the subject (a purple-and-orange striped star) on white, at varied sizes and places."""
+# Backgrounds of the subject's photos.  The judge also asks for black, checkered and green, which no photo
+# shows: the subject has to be recontextualised there, as DreamBooth's "sks dog in the snow".
+SUBJECT_PHOTO_BACKGROUNDS = ("white", "gray", "red", "yellow", "blue")
+
+
+def write_subject_dataset(folder: str | Path, seed: int = 1000,
+                          backgrounds: tuple[str, ...] = SUBJECT_PHOTO_BACKGROUNDS) -> list[Path]:
+    """Photos of the subject (a purple-and-orange striped star), one per background, at varied sizes and
+    places, each with its caption in ``<name>.txt`` ("a sks toy on a red background"; kohya's convention).
+
+    Photos on one background only teach "sks toy on white" as a whole: the judge then finds the star on
+    white and not elsewhere (measured: subject fidelity 0.22 with the prior falling to 0.79, against
+    0.30 with the prior kept at 1.00 from these five backgrounds, OFT lr 3e-4)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     paths = []
-    for i in range(n):
+    for i, background in enumerate(backgrounds):
+        scene = world.subject_scene(rng, background=background)
         path = folder / f"sks_{i}.png"
-        world.render(world.subject_scene(rng, background="white")).save(path)
+        world.render(scene).save(path)
+        path.with_suffix(".txt").write_text(world.caption(scene) + "\n", encoding="utf-8")
         paths.append(path)
     return paths
 

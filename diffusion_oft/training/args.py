@@ -139,7 +139,9 @@ def dreambooth_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--strict", action="store_true",
                    help="stop on a file of the data folders that is not a readable image (default: skip it "
                         "with a warning that counts them)")
-    g.add_argument("--instance_prompt", required=True, help='e.g. "a photo of sks dog"')
+    g.add_argument("--instance_prompt", required=True,
+                   help='e.g. "a photo of sks dog"; an instance image with a caption in <image name>.txt (kohya\'s '
+                        "convention) is trained with that caption instead")
     g.add_argument("--class_data_dir", default=None, help="folder of class images (generated when too few)")
     g.add_argument("--class_prompt", default=None, help='e.g. "a photo of a dog"')
     g.add_argument("--with_prior_preservation", action="store_true", help="add the prior-preservation loss")

@@ -175,7 +175,9 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     def __getitem__(self, key) -> dict:
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         rng = np.random.default_rng([self.seed, epoch, index])
-        item = {"instance": self._load(self.instance_images[index % len(self.instance_images)], rng)}
+        instance = self.instance_images[index % len(self.instance_images)]
+        item = {"instance": self._load(instance, rng)}
+        item["instance"]["caption"] = sidecar_caption(instance)
         if self.class_images:
             path = self.class_images[index % len(self.class_images)]
             item["class"] = self._load(path, rng)
@@ -194,6 +196,7 @@ def collate_dreambooth(examples: list[dict]) -> dict:
         "original_sizes": [p["original_size"] for p in parts],
         "crop_top_lefts": [p["crop_top_left"] for p in parts],
         "num_instance": n_instance,
+        "instance_captions": [p.get("caption") for p in parts[:n_instance]],  # None: --instance_prompt
         "class_captions": [p.get("caption") for p in parts[n_instance:]],  # None: --class_prompt
     }
 

@@ -13,7 +13,7 @@ from torch import nn
 from ..config import AdapterConfig
 from ..model import add_adapter, count_adapter_parameters, find_targets, validate_targets
 from .args import TEXT_ENCODER_TARGETS, adapter_config_from_args, dreambooth_parser, finalize_args
-from .data import BadDataWarning, DreamBoothDataset, collate_dreambooth, list_images, mix_seed
+from .data import BadDataWarning, DreamBoothDataset, collate_dreambooth, list_images, mix_seed, sidecar_caption
 from .loop import ADAPTER_FILE, AdapterTrainer, cast_trainable_to_fp32, trainable_adapter_params
 from .loss import diffusion_loss, sample_noise, sample_timesteps, training_target
 from .models import encode_prompts, inference_pipeline, load_base_model, sdxl_time_ids, to_device
@@ -92,6 +92,10 @@ class DreamBoothTrainer(AdapterTrainer):
         self.dataset = DreamBoothDataset(instance_images, args.resolution, args.center_crop, args.seed, class_images)
         self.collate_fn = collate_dreambooth
         self.num_instance_images = len(instance_images)
+        captioned = sum(sidecar_caption(p) is not None for p in instance_images)
+        if captioned:
+            self.log(f"{captioned} of {len(instance_images)} instance images have their own caption (<name>.txt); "
+                     f"the others use --instance_prompt {args.instance_prompt!r}")
         self.num_class_images = len(class_images or [])
         self._prompt_cache: dict[tuple, tuple] = {}
 
@@ -184,7 +188,8 @@ class DreamBoothTrainer(AdapterTrainer):
         noisy = base.noise_scheduler.add_noise(latents, noise, timesteps)
         n_inst = batch["num_instance"]
         captions = batch.get("class_captions") or [None] * (latents.shape[0] - n_inst)
-        prompts = [args.instance_prompt] * n_inst + [c or args.class_prompt for c in captions]
+        instance_captions = batch.get("instance_captions") or [None] * n_inst
+        prompts = [c or args.instance_prompt for c in instance_captions] + [c or args.class_prompt for c in captions]
         embeds, pooled = self.encode(prompts)
         kwargs = {}
         if base.is_sdxl:
