@@ -161,9 +161,7 @@ class OrthoLinear(nn.Module):
             x = transform.right_mul(x)
         needs_post = any("output" in t or s is not None for t, s in built)
         if inputs:
-            y = inputs[-1].linear_after(x, weight)
-            if bias is not None and not needs_post:
-                y = y + bias
+            y = inputs[-1].linear_after(x, weight, None if needs_post else bias)
         else:
             y = F.linear(x, weight, None if needs_post else bias)
         if needs_post:

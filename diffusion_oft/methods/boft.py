@@ -94,7 +94,7 @@ class BOFT(OrthoMethod):
             blocks = keep * blocks + (1 - keep) * eye
         m = blocks.shape[0]
         # R = B_m ... B_1 (B_i of butterfly level i - 1): in multiplication order the highest level first.
-        rotation = ButterflyTransform(blocks.flip(0), list(reversed(range(m))))
+        rotation = ButterflyTransform(blocks.flip(0) if m > 1 else blocks, list(reversed(range(m))))
         # m factors only mix coordinates within chunks of b * 2**(m-1): when such chunks are small, one
         # block-diagonal matmul with the product's blocks is cheaper than m matmuls + 2m shuffles.
         if m > 1 and rotation.span <= max(2 * m * self.block_size, 32):

@@ -12,6 +12,8 @@ which is O(|S|^(k+1)).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = ["num_skew_params", "skew_from_triu", "triu_from_skew", "cayley"]
@@ -27,12 +29,32 @@ def _triu_indices(block_size: int, device: torch.device) -> tuple[torch.Tensor, 
     return rows, cols
 
 
+class _SkewFromTriu(torch.autograd.Function):
+    """Strict upper triangles -> skew-symmetric matrices by two flat ``index_copy_`` (one pass, no
+    advanced indexing); backward: two flat ``index_select`` (upper minus lower entries of the grad)."""
+
+    @staticmethod
+    def forward(ctx, vec: torch.Tensor, block_size: int) -> torch.Tensor:
+        rows, cols = _triu_indices(block_size, vec.device)
+        upper, lower = rows * block_size + cols, cols * block_size + rows
+        flat = vec.reshape(math.prod(vec.shape[:-1]), vec.shape[-1])
+        out = flat.new_zeros(flat.shape[0], block_size * block_size)
+        out.index_copy_(1, upper, flat)
+        out.index_copy_(1, lower, -flat)
+        ctx.save_for_backward(upper, lower)
+        return out.view(*vec.shape[:-1], block_size, block_size)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        upper, lower = ctx.saved_tensors
+        flat = grad.reshape(-1, grad.shape[-2] * grad.shape[-1])
+        out = flat.index_select(1, upper) - flat.index_select(1, lower)
+        return out.view(*grad.shape[:-2], upper.numel()), None
+
+
 def skew_from_triu(vec: torch.Tensor, block_size: int) -> torch.Tensor:
     """(..., b(b-1)/2) strict upper triangles -> (..., b, b) skew-symmetric matrices."""
-    rows, cols = _triu_indices(block_size, vec.device)
-    upper = vec.new_zeros(*vec.shape[:-1], block_size, block_size)
-    upper[..., rows, cols] = vec
-    return upper - upper.transpose(-1, -2)
+    return _SkewFromTriu.apply(vec, block_size)
 
 
 def triu_from_skew(skew: torch.Tensor) -> torch.Tensor:
@@ -43,21 +65,55 @@ def triu_from_skew(skew: torch.Tensor) -> torch.Tensor:
     return skew[..., rows, cols]
 
 
+class _ExactCayley(torch.autograd.Function):
+    """R = (I - S)^-1 (I + S) by one batched solve; the backward needs no solve.
+
+    With X = (I - S)^-1 = (R + I) / 2:  dR = 2 X dS X,  so  dL/dS = 2 X^T G X^T = 1/2 (R + I)^T G (R + I)^T,
+    two batched matmuls (autograd through ``linalg.solve`` would run another LU solve).
+    """
+
+    @staticmethod
+    def forward(ctx, skew: torch.Tensor) -> torch.Tensor:
+        eye = torch.eye(skew.shape[-1], device=skew.device, dtype=skew.dtype)
+        rotation = torch.linalg.solve(eye - skew, eye + skew)
+        ctx.save_for_backward(rotation)
+        return rotation
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (rotation,) = ctx.saved_tensors
+        xt = rotation.mT + torch.eye(rotation.shape[-1], device=rotation.device, dtype=rotation.dtype)
+        return 0.5 * (xt @ grad @ xt)
+
+
 def cayley(skew: torch.Tensor, mode: str = "exact", neumann_terms: int = 5) -> torch.Tensor:
     """Batched Cayley transform of skew-symmetric (..., b, b) matrices, computed in float32.
 
     mode: "exact" (linear solve) or "neumann" (k-term series for (I - S)^-1, k = neumann_terms).
     Returns float32 (..., b, b) matrices, orthogonal in exact mode.
     """
-    skew = skew.float()
-    eye = torch.eye(skew.shape[-1], device=skew.device, dtype=skew.dtype)
+    shape = skew.shape
+    skew = skew.float().reshape(-1, shape[-1], shape[-1])  # (batch, b, b): plain bmm, no broadcasting
     if mode == "exact":
         # R = (I - S)^-1 (I + S)  <=>  (I - S) R = (I + S): one batched solve, no explicit inverse.
-        return torch.linalg.solve(eye - skew, eye + skew)
-    if mode == "neumann":
-        # (I - S)^-1 ~ I + S + ... + S^k, evaluated Horner-style: I + S(I + S(I + ...)).
-        series = eye + skew
-        for _ in range(neumann_terms - 1):
-            series = eye + skew @ series
-        return series + skew @ series
-    raise ValueError(f"unknown Cayley mode {mode!r}; use 'exact' or 'neumann'")
+        return _ExactCayley.apply(skew).view(shape)
+    if mode != "neumann":
+        raise ValueError(f"unknown Cayley mode {mode!r}; use 'exact' or 'neumann'")
+    eye = torch.eye(shape[-1], device=skew.device, dtype=skew.dtype)
+    # R = (I + S)(I + S + ... + S^k).
+    if neumann_terms % 2 == 1:
+        # k odd: I + S + ... + S^k = (I + S)(I + S^2 + ... + S^(k-1)), so R = (I + 2S + S^2) P(S^2) with
+        # P(Y) = I + Y + ... + Y^((k-1)/2), Horner in Y = S^2: (k + 1) / 2 matmuls instead of k + 1.
+        square = torch.bmm(skew, skew)
+        head = torch.add(square, skew, alpha=2.0) + eye  # (I + S)^2
+        if neumann_terms == 1:
+            return head.view(shape)
+        poly = square + eye
+        for _ in range((neumann_terms - 1) // 2 - 1):
+            poly = torch.bmm(square, poly) + eye
+        return torch.bmm(head, poly).view(shape)
+    # k even: Horner-style I + S(I + S(I + ...)).
+    series = skew + eye
+    for _ in range(neumann_terms - 1):
+        series = torch.bmm(skew, series) + eye
+    return (series + torch.bmm(skew, series)).view(shape)

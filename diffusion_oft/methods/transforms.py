@@ -23,9 +23,9 @@ class BlockTransform:
     def right_mul(self, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
-    def linear_after(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """(x @ T) @ weight^T without bias; weight: (out, d)."""
-        return F.linear(self.right_mul(x), weight)
+    def linear_after(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """(x @ T) @ weight^T + bias; weight: (out, d)."""
+        return F.linear(self.right_mul(x), weight, bias)
 
     def inverse(self) -> BlockTransform:  # pragma: no cover
         raise NotImplementedError
@@ -49,33 +49,37 @@ def block_diag_right_mul(x: torch.Tensor, blocks: torch.Tensor, transpose: bool 
 
 
 class _RotatedWeightLinear(torch.autograd.Function):
-    """(x @ BlockDiag(R)) @ W^T for a frozen W, computed as x @ (W @ BlockDiag(R)^T)^T.
+    """(x @ BlockDiag(R)) @ W^T + bias for a frozen W, computed as x @ (W @ BlockDiag(R)^T)^T + bias.
 
     Forward: the rotation goes onto the weight (d_out * d_in * b multiply-adds) instead of the
     activations (tokens * d_in * b, plus two transposing copies of x), then one plain GEMM.
     Backward: never forms a weight gradient (W is frozen): gz = g @ W, gx = gz @ BlockDiag(R)^T,
     dR_k = x_k^T gz_k per block — the same products the activation-side path does.
-    x (..., n*b), blocks (n, b, b), weight (d_out, n*b).
+    x (..., n*b), blocks (n, b, b), weight (d_out, n*b), bias (d_out,) or None.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, blocks: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx, x: torch.Tensor, blocks: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
         ctx.save_for_backward(x, blocks, weight)
-        return F.linear(x, block_diag_right_mul(weight, blocks, transpose=True))
+        return F.linear(x, block_diag_right_mul(weight, blocks, transpose=True), bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, blocks, weight = ctx.saved_tensors
         n, b, _ = blocks.shape
         gz = grad.reshape(-1, grad.shape[-1]) @ weight  # (tokens, d_in): the gradient at x @ BlockDiag(R)
-        gx = gblocks = None
+        gx = gblocks = gbias = None
+        if ctx.needs_input_grad[3]:
+            gbias = grad.reshape(-1, grad.shape[-1]).sum(0)
         if ctx.needs_input_grad[0]:
             gx = block_diag_right_mul(gz, blocks, transpose=True).reshape(x.shape)
         if ctx.needs_input_grad[1]:
             xb = x.reshape(-1, n, b).transpose(0, 1)  # (n, tokens, b)
             gzb = gz.reshape(-1, n, b).transpose(0, 1)
             gblocks = torch.bmm(xb.transpose(1, 2), gzb)  # (n, b, b)
-        return gx, gblocks, None
+        return gx, gblocks, None, gbias
 
 
 def rotate_weight_first(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -159,10 +163,10 @@ class ButterflyTransform(BlockTransform):
         blocks = rows.reshape(span, chunks, span).transpose(0, 1)  # (chunks, span, span)
         return ButterflyTransform(blocks.unsqueeze(0), [0])
 
-    def linear_after(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def linear_after(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.levels == [0] and rotate_weight_first(x, weight):
-            return _RotatedWeightLinear.apply(x, self.blocks[0].to(x.dtype), weight)
-        return F.linear(self.right_mul(x), weight)
+            return _RotatedWeightLinear.apply(x, self.blocks[0].to(x.dtype), weight, bias)
+        return F.linear(self.right_mul(x), weight, bias)
 
     def inverse(self) -> ButterflyTransform:
         # T^-1 = F_m^-1 ... F_1^-1, each factor inverted block by block (small b x b solves), kept in
@@ -221,13 +225,13 @@ class LowRankBlockTransform(BlockTransform):
             return (xb + torch.einsum("...nl,nbl->...nb", coeff, basis)).reshape(x.shape)
         return x + self._low_rank(x, transpose) @ self.thin_basis(x.dtype).t()
 
-    def linear_after(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def linear_after(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         # (x H) W^T = x W^T + (x A) M (W A)^T: the frozen linear plus two thin matmuls.
         n, _, k = self.basis.shape
         if n * k > 64:
-            return super().linear_after(x, weight)
+            return super().linear_after(x, weight, bias)
         a = self.thin_basis(weight.dtype)
-        return F.linear(x, weight) + self._low_rank(x, False) @ (weight @ a).t()
+        return F.linear(x, weight, bias) + self._low_rank(x, False) @ (weight @ a).t()
 
     def inverse(self) -> LowRankBlockTransform:
         # Woodbury: (I + A M A^T)^-1 = I - A (M^-1 + A^T A)^-1 A^T, a k x k solve per block.
