@@ -9,6 +9,7 @@ hits all of them alike, and the medians are compared.
     python benchmarks/speed.py --quick          # 256 px, our methods, about a minute
     python benchmarks/speed.py                  # 256 + 512 px, PEFT comparisons, compile, memory
     python benchmarks/speed.py --device cuda --dtype bf16 --resolutions 512 --batch 4
+    python benchmarks/speed.py --projections-only --threads 1 --cpu-time   # the adapted projections alone
 
 ``peft`` is only needed for the PEFT rows (pip install -e ".[dev]").
 """
@@ -25,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,6 +34,7 @@ import torch
 from torch import nn
 
 import diffusion_oft as do
+from diffusion_oft.layers import OrthoLinear
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -222,6 +225,74 @@ def time_inference(unet, cases, inputs, rounds: int, device: str) -> dict[str, f
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def projection_shapes(unet: nn.Module, inputs) -> Counter:
+    """(input shape, input requires grad, d_in, d_out) -> count, of every targeted projection in one
+    training forward of the UNet with OFT on (text K/V inputs never require grad, image tokens do
+    downstream of the first adapter)."""
+    found: Counter = Counter()
+    do.add_adapter(unet, do.AdapterConfig(method="oft"))
+
+    def record(module, args):
+        x = args[0]
+        found[(tuple(x.shape), x.requires_grad, module.in_features, module.out_features)] += 1
+
+    hooks = [m.register_forward_pre_hook(record) for m in unet.modules() if isinstance(m, OrthoLinear)]
+    sample, t, text = inputs
+    unet(sample, t, text)
+    for hook in hooks:
+        hook.remove()
+    do.remove_adapter(unet)
+    return found
+
+
+def time_projections(unet, cases, inputs, rounds: int, reps: int = 5) -> dict[str, float]:
+    """Forward + backward of the adapted projections alone (each SD shape timed on its own
+    ``nn.Linear``, weighted by how often the UNet has it), summed: the adapter's own cost without the
+    rest of the UNet's noise. Interleaved rounds after a warm-up, median per shape."""
+    shapes = projection_shapes(unet, inputs)
+    gen = torch.Generator().manual_seed(0)
+    total = {c.name: 0.0 for c in cases}
+    for (shape, needs_grad, d_in, d_out), count in shapes.items():
+        x = torch.randn(shape, generator=gen).requires_grad_(needs_grad)
+        upstream = torch.randn(*shape[:-1], d_out, generator=gen)
+        holders = {}
+        for case in cases:
+            torch.manual_seed(0)
+            holder = nn.Module()
+            holder.to_q = nn.Linear(d_in, d_out)
+            apply_case(holder, case)
+            holders[case.name] = holder
+        times: dict[str, list[float]] = {c.name: [] for c in cases}
+        for r in range(rounds + 1):
+            for name, holder in holders.items():
+                start = CLOCK()
+                for _ in range(reps):
+                    out = holder.to_q(x)
+                    if out.requires_grad:
+                        out.backward(upstream)
+                elapsed = (CLOCK() - start) / reps
+                holder.zero_grad(set_to_none=True)
+                x.grad = None
+                if r:
+                    times[name].append(elapsed)
+        for name, ts in times.items():
+            total[name] += statistics.median(ts) * count
+    return total
+
+
+def report_projections(unet, cases, inputs, rounds: int, res: int) -> dict[str, float]:
+    """Times the adapted projections alone (``time_projections``) and prints their table."""
+    projections = time_projections(unet, cases, inputs, max(rounds, 5))
+    print(f"\n### adapted projections at {res} px: forward + backward of the targeted projections alone\n")
+    print("| config | projections (ms per step) | / frozen projections | / PEFT same config |")
+    print("| --- | ---: | ---: | ---: |")
+    for case in cases:
+        t = projections[case.name]
+        ref = f"{t / projections[case.peft_ref]:.3f}" if case.peft_ref in projections else ""
+        print(f"| {case.name} | {t * 1e3:.1f} | {t / projections['frozen base']:.3f} | {ref} |", flush=True)
+    return projections
+
+
 def peak_memory_of(case: Case, args, resolution: int) -> float:
     """Peak RSS (GB) of a fresh process that builds the UNet and runs two steps of one case."""
     cmd = [
@@ -274,6 +345,12 @@ def main() -> None:
     parser.add_argument("--no-inference", action="store_true", help="skip the eval-mode forward timings")
     parser.add_argument("--cases", nargs="+", default=None,
                         help="only the configs whose name contains one of these strings (the frozen base is kept)")
+    parser.add_argument(
+        "--projections",
+        action="store_true",
+        help="also time the adapted projections alone (fwd + bwd of each SD shape, weighted by count): adapter vs PEFT",
+    )
+    parser.add_argument("--projections-only", action="store_true", help="only the --projections table (fast)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument(
@@ -314,6 +391,9 @@ def main() -> None:
     report = {}
     for res in resolutions:
         inputs = make_inputs(res, args.batch, args.device, dtype)
+        if args.projections_only:
+            report[res] = {"projections": report_projections(unet, cases, inputs, rounds, res)}
+            continue
         results = time_cases(unet, cases, inputs, rounds, args.device)
         compiled = {}
         if not args.no_compile and not args.quick:
@@ -355,7 +435,14 @@ def main() -> None:
             print("| --- | ---: | ---: |")
             for name, t in inference.items():
                 print(f"| {name} | {t:.3f} | {t / inference['frozen base']:.3f} |", flush=True)
-        report[res] = {"results": results, "compiled": compiled, "memory": memory, "inference": inference}
+        projections = report_projections(unet, cases, inputs, rounds, res) if args.projections else {}
+        report[res] = {
+            "results": results,
+            "compiled": compiled,
+            "memory": memory,
+            "inference": inference,
+            "projections": projections,
+        }
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2, default=str)
