@@ -313,18 +313,45 @@ def peak_memory_of(case: Case, args, resolution: int) -> float:
     return json.loads(out.strip().splitlines()[-1])["peak_gb"]
 
 
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) of this process, so that building the model does not
+    count as the step's peak; False where /proc/self/clear_refs is not available."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_gb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1e6  # kB -> GB
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def memory_child(args) -> None:
+    """Peak memory of two training steps after the UNet and the adapter are built (CUDA: allocated
+    bytes; CPU: peak RSS since a reset of the kernel's mark, else since process start)."""
     dtype = DTYPES[args.dtype]
     case = next(c for c in all_cases(False, True) if c.name == args._memory_case)
     unet = build_unet(args.device, dtype)
     inputs = make_inputs(int(args.resolutions.split(",")[0]), args.batch, args.device, dtype)
     apply_case(unet, case)
+    gc.collect()
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    reset = args.device != "cuda" and _reset_peak_rss()
     for _ in range(2):
         train_step(unet, inputs, case, args.device)
     if args.device == "cuda":
         peak = torch.cuda.max_memory_allocated() / 1e9
+    elif reset:
+        peak = _peak_rss_gb()
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB -> GB
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB -> GB, since process start
     print(json.dumps({"peak_gb": peak}))
 
 
