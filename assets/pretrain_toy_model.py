@@ -1,7 +1,9 @@
-"""Pretrain the toy-world tiny Stable Diffusion shipped in assets/toy-sd (≈ 45 min on 2 CPU cores).
+"""Pretrain the toy-world tiny Stable Diffusion shipped in assets/toy-sd (stage 1 ≈ 45–65 min, stage 2 ≈ 14 min
+on 2 CPU cores).
 
-    python assets/pretrain_toy_model.py                # writes assets/toy-sd/ (seed 0)
+    python assets/pretrain_toy_model.py                # both stages; writes assets/toy-sd/ (seed 0)
     python assets/pretrain_toy_model.py --output_dir /tmp/toy-sd --seed 1
+    python assets/pretrain_toy_model.py --output_dir DIR --stage2_only   # stage 2 on a stage-1 folder
 
 The logic lives in diffusion_oft/toyworld/pretrain.py.
 """

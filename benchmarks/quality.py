@@ -156,6 +156,8 @@ def main(argv=None) -> int:
                 grid_rows.append([r[1] for r in result["rows"]][:6] + [r[0] for r in result["rows"]][:6])
             rows.append(row)
             print(format_row(row), flush=True)
+            # partial results survive an interrupted run
+            (out / "quality_partial.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
         grids[key] = grid_rows
     elapsed = time.time() - start
 

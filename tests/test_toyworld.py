@@ -17,7 +17,7 @@ from diffusion_oft.toyworld.datasets import SUBJECT_PROMPT, write_control_datase
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 TOY_SD = ASSETS / "toy-sd"
-MAIN_JOB_STEPS, MAIN_JOB_LR = 60, 1e-3  # a shortened README main job (see README, Quick start)
+MAIN_JOB_STEPS, MAIN_JOB_LR = 60, 1e-3  # a shortened README main job (README, Quick start: 200 steps)
 
 
 def test_judge_reads_every_rendered_scene_exactly():
@@ -89,6 +89,23 @@ def test_shipped_datasets_are_reproducible_from_their_seeds(tmp_path):
     assert SUBJECT_PROMPT == "a sks toy on a white background"
 
 
+def test_stage_two_widens_the_vocabulary_but_never_shows_the_subject():
+    rng = random.Random(7)
+    scenes = [world.sample_extended_scene(rng) for _ in range(3000)]
+    striped = [s for s in scenes if s.colour == "striped"]
+    assert striped and {s.shape for s in scenes} == set(world.ALL_SHAPES)
+    assert {s.colour for s in scenes} >= set(world.EXTRA_COLOURS)
+    assert not any(world.is_subject(s) for s in scenes)
+    assert all(s.shape != world.SUBJECT_SHAPE for s in striped)  # stars are always plain
+    assert all(set(s.stripes) != set(world.SUBJECT_COLOURS) for s in striped)
+    assert all(f"{s.stripes[0]} and {s.stripes[1]} striped {s.shape}" in world.caption(s) for s in striped)
+    assert not any(world.SUBJECT_TOKEN in world.caption(s).split() for s in scenes)
+    plain = [s for s in scenes if s.colour != "striped"][:200]
+    readings = [judge.read_image(world.render(s)) for s in plain]  # the judge reads the new vocabulary too
+    assert all((r.shape, r.colour, r.background) == (s.shape, s.colour, s.background)
+               for s, r in zip(plain, readings, strict=True))
+
+
 def test_pretraining_script_runs_resumes_and_writes_a_diffusers_folder(tmp_path):
     from diffusers import StableDiffusionPipeline
 
@@ -108,6 +125,15 @@ def test_pretraining_script_runs_resumes_and_writes_a_diffusers_folder(tmp_path)
         assert torch.equal(pa, pb)  # resuming is bit-exact
     assert not (tmp_path / "a" / ".pretrain-state.pt").exists()
 
+    from diffusion_oft.toyworld.pretrain import extend
+
+    report = extend(tmp_path / "a", steps=2, dataset_size=8, batch_size=2, judge_seeds=(0,), judge_steps=2)
+    assert report["stage2"]["steps"] == 2 and "judge_extended" in report["stage2"]
+    assert json.loads((tmp_path / "a" / "pretraining.json").read_text())["stage2"]["steps"] == 2
+    a2 = StableDiffusionPipeline.from_pretrained(str(tmp_path / "a"))
+    assert any(not torch.equal(p1, p2) for p1, p2 in zip(a.unet.parameters(), a2.unet.parameters(), strict=True))
+    with pytest.raises(ValueError, match="stage 2 already"):
+        extend(tmp_path / "a", steps=2, dataset_size=8, batch_size=2)
 
 
 needs_model = pytest.mark.skipif(not (TOY_SD / "model_index.json").is_file(), reason="assets/toy-sd not built")
@@ -125,14 +151,15 @@ def test_shipped_model_loads_offline_and_draws_the_world():
     scores, _, _ = judge_pipeline(pipe, seeds=(0,))
     assert scores["in_world"] >= 0.75, scores  # 12 prompts, one seed; the two-seed figure is in pretraining.json
     report = json.loads((TOY_SD / "pretraining.json").read_text())
-    assert report["judge"]["in_world"] >= 0.8
+    assert report["judge"]["in_world"] >= 0.8 and report["stage1_judge"]["in_world"] >= 0.8
+    assert report["stage2"]["steps"] > 0  # the shipped model has the widened vocabulary
 
 
 @needs_model
 def test_dreambooth_on_the_toy_model_reports_the_judge_and_keeps_the_world(tmp_path):
     """A shortened README main job (prior preservation with the captioned assets/prior images): the
     judge's figures are written for base model and adapter, and in-world prompts keep working.
-    (Learning the striped star itself is not asserted: see README, Quick start — not reached yet.)"""
+    (How far the star is learnt is the README main job's figure, at 200 steps; 60 steps here.)"""
     from diffusion_oft.training.dreambooth import main as train_main
 
     out = tmp_path / "run"
@@ -141,6 +168,7 @@ def test_dreambooth_on_the_toy_model_reports_the_judge_and_keeps_the_world(tmp_p
         "--instance_prompt", SUBJECT_PROMPT, "--with_prior_preservation", "--class_data_dir", str(ASSETS / "prior"),
         "--num_class_images", "24", "--resolution", "64", "--output_dir", str(out),
         "--max_train_steps", str(MAIN_JOB_STEPS), "--learning_rate", str(MAIN_JOB_LR), "--train_batch_size", "4",
+        "--block_size", "32",
         "--validation_steps", "100000", "--report_to", "none", "--judge", "toyworld",
     ])
     scores = json.loads((out / "judge.json").read_text())

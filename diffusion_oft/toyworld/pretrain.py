@@ -186,9 +186,10 @@ JUDGE_GUIDANCE = 4.0
 
 @torch.no_grad()
 def judge_pipeline(pipe, seeds=(0, 1), steps: int = JUDGE_STEPS, guidance_scale: float = JUDGE_GUIDANCE,
-                   cross_attention_kwargs=None):
-    """Generate every in-world prompt once per seed; returns (scores, images, targets)."""
-    targets = world.in_world_prompts()
+                   cross_attention_kwargs=None, targets: list[tuple[str, str, str]] | None = None):
+    """Generate every in-world prompt (or every (shape, colour, background) of ``targets``) once per
+    seed; returns (scores, images, targets)."""
+    targets = targets or world.in_world_prompts()
     prompts = [f"a {c} {s} on a {b} background" for s, c, b in targets]
     images, all_targets = [], []
     for seed in seeds:
@@ -283,6 +284,73 @@ def pretrain(output_dir: str | Path, *, seed: int = 0, dataset_size: int = 20000
     return report
 
 
+def render_extended_dataset(n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+    """n scenes of pretraining stage 2 (world.sample_extended_scene) and their captions."""
+    rng = random.Random(seed + 2)
+    scenes = [world.sample_extended_scene(rng) for _ in range(n)]
+    pixels = np.stack([np.asarray(world.render(s)) for s in scenes])
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), [world.caption(s) for s in scenes]
+
+
+def extend(model_dir: str | Path, output_dir: str | Path | None = None, *, seed: int = 0, dataset_size: int = 8000,
+           steps: int = 1200, batch_size: int = 32, lr: float = 5e-4, ema_decay: float = 0.995,
+           threads: int | None = None, log=print, judge_seeds=(0, 1), judge_steps: int = JUDGE_STEPS,
+           save_every: int = 500, stop_after: int | None = None) -> dict:
+    """Pretraining stage 2: continue training a stage-1 model's text encoder and UNet on the extended
+    world (stars, purple and orange, two-colour stripes; half the batches' scenes still from stage 1),
+    the VAE unchanged.  Writes the pipeline to ``output_dir`` (default: in place) and adds a "stage2"
+    entry to its pretraining.json.  Resumable like stage 1."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    model_dir = Path(model_dir)
+    output_dir = Path(output_dir or model_dir)
+    if threads:
+        torch.set_num_threads(threads)
+    start = time.time()
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed + 2)
+    report_path = model_dir / "pretraining.json"
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    if "stage2" in report:
+        raise ValueError(f"{model_dir} has had stage 2 already (pretraining.json); start from a stage-1 model")
+    tokenizer = CLIPTokenizer.from_pretrained(str(model_dir / "tokenizer"))
+    text_encoder = CLIPTextModel.from_pretrained(str(model_dir / "text_encoder"))
+    vae = AutoencoderKL.from_pretrained(str(model_dir / "vae")).eval().requires_grad_(False)
+    unet = UNet2DConditionModel.from_pretrained(str(model_dir / "unet"))
+    pixels, captions = render_extended_dataset(dataset_size, seed)
+    latent_mean, latent_std = encode_dataset(vae, pixels)
+    log(f"stage 2: {len(pixels)} scenes rendered and encoded in {time.time() - start:.1f}s")
+    scheduler = DDPMScheduler(**components.make_scheduler_config(), clip_sample=False)
+    scheduler.latent_scale = vae.config.scaling_factor
+    output_dir.mkdir(parents=True, exist_ok=True)
+    info: dict = {}
+    t0 = time.time()
+    ema_unet, ema_text = train_denoiser(unet, text_encoder, tokenizer, scheduler, latent_mean, latent_std, captions,
+                                        steps=steps, batch_size=batch_size, lr=lr, generator=generator, log=log,
+                                        ema_decay=ema_decay, state_path=output_dir / ".extend-state.pt",
+                                        save_every=save_every, stop_after=stop_after, info=info)
+    seconds = time.time() - t0
+    pipe = build_pipeline(ema_unet, vae, ema_text, tokenizer)
+    scores, images, _ = judge_pipeline(pipe, seeds=judge_seeds, steps=judge_steps)
+    extended, ext_images, _ = judge_pipeline(pipe, seeds=judge_seeds, steps=judge_steps,
+                                             targets=world.extended_prompts())
+    pipe.save_pretrained(str(output_dir), safe_serialization=True)
+    columns = len(world.in_world_prompts())
+    image_grid(images[:columns] + ext_images[:columns], columns=columns).save(output_dir / "samples.png")
+    report["stage1_judge"] = report.get("judge")
+    report["judge"] = {"steps": judge_steps, "guidance_scale": JUDGE_GUIDANCE, "seeds": list(judge_seeds), **scores}
+    report["stage2"] = {
+        "seed": seed, "dataset_size": dataset_size, "steps": steps, "batch_size": batch_size, "lr": lr,
+        "ema_decay": ema_decay, "threads": torch.get_num_threads(), "seconds": round(seconds, 1),
+        "judge_extended": extended, "resumed_at": info.get("resumed_at"),
+    }
+    (output_dir / "pretraining.json").write_text(json.dumps(report, indent=2) + "\n")
+    (output_dir / ".extend-state.pt").unlink(missing_ok=True)
+    log(f"stage 2 done in {seconds:.0f}s; in-world {json.dumps(scores)}; extended vocabulary {json.dumps(extended)}")
+    return report
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--output_dir", default=str(Path(__file__).resolve().parents[2] / "assets" / "toy-sd"))
@@ -293,8 +361,14 @@ def main(argv=None) -> int:
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--extend_steps", type=int, default=1200, help="stage 2 steps (0: stage 1 only)")
+    p.add_argument("--stage2_only", action="store_true",
+                   help="run stage 2 on the stage-1 model already in --output_dir")
     args = p.parse_args(argv)
-    pretrain(args.output_dir, seed=args.seed, dataset_size=args.dataset_size, vae_steps=args.vae_steps,
-             unet_steps=args.unet_steps, batch_size=args.batch_size, lr=args.lr, threads=args.threads,
-             log=lambda m: print(m, flush=True))
+    log = lambda m: print(m, flush=True)  # noqa: E731
+    if not args.stage2_only:
+        pretrain(args.output_dir, seed=args.seed, dataset_size=args.dataset_size, vae_steps=args.vae_steps,
+                 unet_steps=args.unet_steps, batch_size=args.batch_size, lr=args.lr, threads=args.threads, log=log)
+    if args.extend_steps > 0:
+        extend(args.output_dir, seed=args.seed, steps=args.extend_steps, threads=args.threads, log=log)
     return 0

@@ -5,9 +5,15 @@ downsampled, so edges are anti-aliased) and described by :func:`caption`
 ("a red circle on a blue background").  :func:`sample_scene` draws scenes from a seeded
 ``random.Random``, so a dataset is reproducible from its seed.
 
-The novel subject of the DreamBooth task — a purple-and-orange striped star — uses a shape and a
-pattern that never occur in pretraining; its identifier token ("sks") is in the tokenizer's
-vocabulary but in no pretraining caption.
+Pretraining has two stages.  Stage 1 is the base world: circles, squares and triangles in red, green,
+blue or yellow.  Stage 2 (:func:`sample_extended_scene`) widens the model's visual vocabulary the way
+a large model's is wide: stars, purple and orange, and two-colour stripes
+("a red and blue striped square on a white background").
+
+The novel subject of the DreamBooth task — a purple-and-orange striped star — is a combination that
+never occurs in either stage: stars are always plain, and the purple-and-orange pair is never striped.
+So it is new to the model as a particular dog is new to a model that knows dogs, fur and colours.
+Its identifier token ("sks") is in the tokenizer's vocabulary but in no pretraining caption.
 """
 
 from __future__ import annotations
@@ -36,7 +42,8 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 CHECKER_COLOURS = ("white", "gray")  # the two colours of the "checkered" background
 CHECKER_CELL = 8  # px at 64×64
 
-OBJECT_COLOURS = ("red", "green", "blue", "yellow")
+OBJECT_COLOURS = ("red", "green", "blue", "yellow")  # stage 1; the in-world prompts of the judge
+EXTRA_COLOURS = ("purple", "orange")  # stage 2 adds these (plain, or in stripes)
 SHAPES = ("circle", "square", "triangle")
 BACKGROUNDS = ("white", "black", "gray", "checkered", "red", "green", "blue", "yellow")
 
@@ -59,15 +66,27 @@ class Scene:
     size: int  # bounding-box side in px (64×64 image)
     cx: int  # bounding-box centre
     cy: int
+    stripes: tuple[str, str] | None = None  # colour == "striped": the two colours (None: the subject's)
+
+    def stripe_colours(self) -> tuple[str, str]:
+        return self.stripes or SUBJECT_COLOURS
 
     def bbox(self) -> tuple[int, int, int, int]:
         half = self.size / 2
         return (round(self.cx - half), round(self.cy - half), round(self.cx + half), round(self.cy + half))
 
 
+def is_subject(scene: Scene) -> bool:
+    return (scene.shape == SUBJECT_SHAPE and scene.colour == "striped"
+            and set(scene.stripe_colours()) == set(SUBJECT_COLOURS))
+
+
 def caption(scene: Scene) -> str:
-    if scene.shape == SUBJECT_SHAPE:
+    if is_subject(scene):
         return f"a {SUBJECT_TOKEN} {SUBJECT_CLASS} on a {scene.background} background"
+    if scene.colour == "striped":
+        a, b = scene.stripe_colours()
+        return f"a {a} and {b} striped {scene.shape} on a {scene.background} background"
     return f"a {scene.colour} {scene.shape} on a {scene.background} background"
 
 
@@ -85,6 +104,26 @@ def sample_scene(rng: random.Random, *, shape: str | None = None, colour: str | 
     cx = rng.randint(margin, IMAGE_SIZE - margin)
     cy = rng.randint(margin, IMAGE_SIZE - margin)
     return Scene(shape, colour, background, size, cx, cy)
+
+
+def sample_extended_scene(rng: random.Random, base_share: float = 0.5) -> Scene:
+    """A scene of pretraining stage 2: with probability ``base_share`` a stage-1 scene (so the base world
+    stays), else a star or a circle / square / triangle in any of the six colours, plain or (not stars)
+    striped in two of them — never the subject's purple-and-orange pair."""
+    if rng.random() < base_share:
+        return sample_scene(rng)
+    colours = OBJECT_COLOURS + EXTRA_COLOURS
+    shape = rng.choice(ALL_SHAPES)
+    scene = sample_scene(rng, shape=SHAPES[0], colour=OBJECT_COLOURS[0], background="white")
+    if shape == SUBJECT_SHAPE or rng.random() < 0.4:
+        colour = rng.choice(colours)
+        background = rng.choice([b for b in BACKGROUNDS if b != colour])
+        return replace(scene, shape=shape, colour=colour, background=background)
+    a, b = rng.sample(colours, 2)
+    while {a, b} == set(SUBJECT_COLOURS):
+        a, b = rng.sample(colours, 2)
+    background = rng.choice([x for x in BACKGROUNDS if x not in (a, b)])
+    return replace(scene, shape=shape, colour="striped", background=background, stripes=(a, b))
 
 
 def subject_scene(rng: random.Random, background: str = "white", size_range: tuple[int, int] = (30, 42)) -> Scene:
@@ -141,7 +180,7 @@ def background_image(background: str, size: int = IMAGE_SIZE) -> Image.Image:
 def object_fill(scene: Scene, size: int) -> Image.Image:
     """The object's fill as a full-size RGB image (plain colour, or the subject's stripes)."""
     if scene.colour == "striped":
-        a, b = (np.array(PALETTE[c], dtype=np.uint8) for c in SUBJECT_COLOURS)
+        a, b = (np.array(PALETTE[c], dtype=np.uint8) for c in scene.stripe_colours())
         stripe = SUBJECT_STRIPE * size // IMAGE_SIZE
         rows = (np.arange(size) // stripe % 2).astype(bool)[:, None, None]
         return Image.fromarray(np.broadcast_to(np.where(rows, b, a), (size, size, 3)).copy())
@@ -168,7 +207,7 @@ def edges_visible(scene: Scene, min_contrast: float = 30.0) -> bool:
     """Whether Canny(100, 200) sees the object's outline: red on green, blue on red, green on gray…
     are colour edges of almost equal luminance, invisible to it (measured: contrast < 26 → no edge)."""
     backgrounds = CHECKER_COLOURS if scene.background == "checkered" else (scene.background,)
-    colours = SUBJECT_COLOURS if scene.colour == "striped" else (scene.colour,)
+    colours = scene.stripe_colours() if scene.colour == "striped" else (scene.colour,)
     return min(abs(luminance(c) - luminance(b)) for c in colours for b in backgrounds) >= min_contrast
 
 
@@ -217,6 +256,17 @@ def generic_image(rng: random.Random) -> Image.Image:
             fill = np.broadcast_to(a, (size, size, 3))
         img.paste(Image.fromarray(np.ascontiguousarray(fill)), (0, 0), mask)
     return img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BOX)
+
+
+def extended_prompts() -> list[tuple[str, str, str]]:
+    """(shape, colour, background) of stage 2's plain vocabulary for the pretraining report: a star in
+    each of the six colours, and circle / square / triangle in purple and orange."""
+    out = []
+    for i, colour in enumerate(OBJECT_COLOURS + EXTRA_COLOURS):
+        out.append((SUBJECT_SHAPE, colour, [b for b in BACKGROUNDS if b != colour][(3 * i) % 7]))
+    for i, (shape, colour) in enumerate((s, c) for s in SHAPES for c in EXTRA_COLOURS):
+        out.append((shape, colour, ("white", "black", "gray", "checkered", "blue", "green")[i]))
+    return out
 
 
 def in_world_prompts() -> list[tuple[str, str, str]]:
