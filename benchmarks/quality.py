@@ -174,6 +174,7 @@ def main(argv=None) -> int:
     name = "quality_quick" if args.quick else "quality"
     (out / f"{name}.md").write_text(header + "\n\n" + table + "\n", encoding="utf-8")
     (out / f"{name}.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
+    (out / "quality_partial.json").unlink(missing_ok=True)
     return 0
 
 
