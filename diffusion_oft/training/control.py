@@ -24,7 +24,7 @@ from .control_data import ControlDataset, collate_control, records_from_dataset,
 from .dreambooth import check_fits, encode_latents, vae_dtype
 from .loop import ADAPTER_FILE, AdapterTrainer, cast_trainable_to_fp32, trainable_adapter_params
 from .loss import diffusion_loss, sample_noise, sample_timesteps, training_target
-from .models import encode_prompts, load_base_model, sdxl_time_ids, to_device
+from .models import encode_prompts_cached, load_base_model, sdxl_time_ids, to_device
 from .validation import image_grid
 
 CONTROLNET_EXTRAS_FILE = "controlnet_extras.safetensors"
@@ -157,18 +157,7 @@ class ControlTrainer(AdapterTrainer):
         self.train_model = modules[0]
 
     def encode(self, texts: list[str]):
-        out_embeds, out_pooled = [], []
-        for text in texts:  # per caption, cached: the text encoders are frozen
-            if text not in self._prompt_cache:
-                if len(self._prompt_cache) > 4096:
-                    self._prompt_cache.clear()
-                with torch.no_grad():
-                    self._prompt_cache[text] = encode_prompts(self.base, [text])
-            embeds, pooled = self._prompt_cache[text]
-            out_embeds.append(embeds)
-            out_pooled.append(pooled)
-        pooled = torch.cat(out_pooled) if out_pooled[0] is not None else None
-        return torch.cat(out_embeds), pooled
+        return encode_prompts_cached(self.base, texts, self._prompt_cache)  # the text encoders are frozen
 
     def compute_loss(self, batch: dict, generator: torch.Generator):
         args, base = self.args, self.base

@@ -16,7 +16,7 @@ from .args import TEXT_ENCODER_TARGETS, adapter_config_from_args, dreambooth_par
 from .data import BadDataWarning, DreamBoothDataset, collate_dreambooth, list_images, mix_seed, sidecar_caption
 from .loop import ADAPTER_FILE, AdapterTrainer, cast_trainable_to_fp32, trainable_adapter_params
 from .loss import diffusion_loss, sample_noise, sample_timesteps, training_target
-from .models import encode_prompts, inference_pipeline, load_base_model, sdxl_time_ids, to_device
+from .models import encode_prompts, encode_prompts_cached, inference_pipeline, load_base_model, sdxl_time_ids, to_device
 from .validation import image_grid
 
 
@@ -97,7 +97,7 @@ class DreamBoothTrainer(AdapterTrainer):
             self.log(f"{captioned} of {len(instance_images)} instance images have their own caption (<name>.txt); "
                      f"the others use --instance_prompt {args.instance_prompt!r}")
         self.num_class_images = len(class_images or [])
-        self._prompt_cache: dict[tuple, tuple] = {}
+        self._prompt_cache: dict[str, tuple] = {}
 
     # ---- prior preservation ------------------------------------------------------------------------
     def prepare_class_images(self) -> list[Path]:
@@ -172,11 +172,7 @@ class DreamBoothTrainer(AdapterTrainer):
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.trained_encoders:
             return encode_prompts(self.base, prompts, self._encoders_for_loss())
-        key = tuple(prompts)
-        if key not in self._prompt_cache:
-            with torch.no_grad():
-                self._prompt_cache = {key: encode_prompts(self.base, prompts)}
-        return self._prompt_cache[key]
+        return encode_prompts_cached(self.base, prompts, self._prompt_cache)
 
     def compute_loss(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         args, base = self.args, self.base

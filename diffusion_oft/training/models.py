@@ -135,6 +135,24 @@ def encode_prompts(
     return torch.cat(embeds, dim=-1), pooled
 
 
+@torch.no_grad()
+def encode_prompts_cached(base: BaseModel, prompts: list[str], cache: dict[str, tuple],
+                          limit: int = 4096) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """encode_prompts with frozen text encoders, one cached entry per distinct prompt (so per-image
+    captions cost one encoder pass each, not one per step); the cache is cleared past ``limit``."""
+    missing = [p for p in dict.fromkeys(prompts) if p not in cache]
+    if missing:
+        if len(cache) + len(missing) > limit:
+            cache.clear()
+            missing = list(dict.fromkeys(prompts))
+        embeds, pooled = encode_prompts(base, missing)
+        for i, prompt in enumerate(missing):
+            cache[prompt] = (embeds[i : i + 1], None if pooled is None else pooled[i : i + 1])
+    embeds = torch.cat([cache[p][0] for p in prompts])
+    pooled = None if cache[prompts[0]][1] is None else torch.cat([cache[p][1] for p in prompts])
+    return embeds, pooled
+
+
 def sdxl_time_ids(original_sizes, crop_top_lefts, resolution: int, device, dtype) -> torch.Tensor:
     """SDXL micro-conditioning: (orig h, orig w, crop top, crop left, target h, target w) per image."""
     rows = [list(o) + list(c) + [resolution, resolution] for o, c in zip(original_sizes, crop_top_lefts, strict=True)]
