@@ -174,6 +174,7 @@ def time_cases(unet, cases, inputs, rounds: int, device: str, compiled: bool = F
                 train_step(model, inputs, case, device)  # warm-up (and compilation)
             if r > 0:
                 results[case.name]["times"].append(train_step(model, inputs, case, device))
+                print(f"    {case.name}: {results[case.name]['times'][-1]:.3f} s", file=sys.stderr, flush=True)
             restore()
             del model
             gc.collect()

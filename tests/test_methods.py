@@ -208,3 +208,26 @@ def test_block_diagonal_linear_after_matches_rotate_then_linear(tokens):
     for a, b in zip(torch.autograd.grad(fast, (x, blocks), upstream),
                     torch.autograd.grad(reference, (x, blocks), upstream), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_large_blocks_solve_with_several_threads_without_hanging():
+    """Batched LU of blocks over ~150 with 2+ threads makes MKL fail or spin (pytorch#142815); large
+    blocks (OFT num_blocks=4 on SD: 80-320) must still rotate, and unmerge, in a few seconds."""
+    import subprocess
+    import sys
+
+    script = (
+        "import torch; torch.set_num_threads(2); torch.manual_seed(0)\n"
+        "from diffusion_oft.methods.cayley import cayley\n"
+        "from diffusion_oft.methods.linalg import solve\n"
+        "s = torch.randn(4, 160, 160) * 0.05; s = s - s.mT; eye = torch.eye(160)\n"
+        "r = cayley(s)\n"
+        "ref = torch.stack([torch.linalg.solve(eye - x, eye + x) for x in s])\n"
+        "assert (r - ref).abs().max().item() == 0.0\n"
+        "assert (r.mT @ r - eye).abs().max().item() < 1e-5\n"
+        "inv = solve(r.double(), torch.eye(160, dtype=torch.float64).expand(4, 160, 160))\n"
+        "assert (inv - r.double().mT).abs().max().item() < 1e-5\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

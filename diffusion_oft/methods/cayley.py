@@ -5,9 +5,9 @@ Sign convention (used everywhere in diffusion-oft):
     R = Cayley(S) = (I + S)(I - S)^-1 = (I - S)^-1 (I + S)        S = -S^T
 
 so that R ~ I + 2S for small S.  The exact mode solves (I - S)^T X^T = (I + S)^T with
-``torch.linalg.solve`` in float32; the Neumann mode (OFTv2) replaces (I - S)^-1 by the
-truncated series I + S + S^2 + ... + S^k.  Both modes agree up to the series error,
-which is O(|S|^(k+1)).
+``torch.linalg.solve`` in float32 (large blocks one per call on CPU: see ``linalg``); the
+Neumann mode (OFTv2) replaces (I - S)^-1 by the truncated series I + S + S^2 + ... + S^k.
+Both modes agree up to the series error, which is O(|S|^(k+1)).
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from .linalg import solve
 
 __all__ = ["num_skew_params", "skew_from_triu", "triu_from_skew", "cayley"]
 
@@ -75,7 +77,7 @@ class _ExactCayley(torch.autograd.Function):
     @staticmethod
     def forward(ctx, skew: torch.Tensor) -> torch.Tensor:
         eye = torch.eye(skew.shape[-1], device=skew.device, dtype=skew.dtype)
-        rotation = torch.linalg.solve(eye - skew, eye + skew)
+        rotation = solve(eye - skew, eye + skew)
         ctx.save_for_backward(rotation)
         return rotation
 

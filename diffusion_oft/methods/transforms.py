@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .linalg import solve
+
 
 class BlockTransform:
     """A d x d map with structure; subclasses implement right multiplication."""
@@ -172,7 +174,7 @@ class ButterflyTransform(BlockTransform):
         # T^-1 = F_m^-1 ... F_1^-1, each factor inverted block by block (small b x b solves), kept in
         # float64: merge/unmerge run in float64, so unmerging does not drift.
         eye = torch.eye(self.blocks.shape[-1], dtype=torch.float64, device=self.device)
-        inv_blocks = torch.linalg.solve(self.blocks.double(), eye.expand_as(self.blocks))
+        inv_blocks = solve(self.blocks.double(), eye.expand_as(self.blocks))
         return ButterflyTransform(inv_blocks.flip(0), self.levels[::-1])
 
 
