@@ -37,6 +37,7 @@ import diffusion_oft as do
 from diffusion_oft.layers import OrthoLinear
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+PARTS = ("train", "compile", "memory", "inference", "projections")
 
 
 @dataclass
@@ -164,24 +165,80 @@ def trainable(unet: nn.Module) -> int:
 
 
 def time_cases(unet, cases, inputs, rounds: int, device: str, compiled: bool = False) -> dict[str, dict]:
-    results = {c.name: {"times": [], "params": 0} for c in cases}
+    """Median and min step time of each case over interleaved rounds after a warm-up round.
+
+    Eager rounds also bracket every case by frozen-base steps (base, case 1, base, case 2, ..., base),
+    and record each case's step over the mean of the two base steps around it: that ratio cancels the
+    slow drifts of a shared machine, which the round-level interleaving alone does not."""
+    results = {c.name: {"times": [], "ratios": [], "params": 0} for c in cases}
+    base_case = next(c for c in cases if c.kind == "base")
+    bracket = not compiled
+
+    def step(case: Case, warm_up: bool) -> float:
+        restore = apply_case(unet, case)
+        results[case.name]["params"] = trainable(unet)
+        if compiled:
+            torch._dynamo.reset()  # a fresh compilation per case (no cache-size fallback to eager)
+        model = torch.compile(unet) if compiled else unet
+        if warm_up or compiled:
+            warm = train_step(model, inputs, case, device)  # warm-up (and compilation)
+            results[case.name].setdefault("first_step_s", warm)
+        elapsed = float("nan") if warm_up else train_step(model, inputs, case, device)
+        restore()
+        del model
+        gc.collect()
+        return elapsed
+
     for r in range(rounds + 1):  # round 0 is the warm-up
-        for case in cases:
-            restore = apply_case(unet, case)
-            results[case.name]["params"] = trainable(unet)
-            model = torch.compile(unet) if compiled else unet
-            if compiled or r == 0:
-                train_step(model, inputs, case, device)  # warm-up (and compilation)
-            if r > 0:
-                results[case.name]["times"].append(train_step(model, inputs, case, device))
-                print(f"    {case.name}: {results[case.name]['times'][-1]:.3f} s", file=sys.stderr, flush=True)
-            restore()
-            del model
-            gc.collect()
+        if r == 0 or not bracket:
+            for case in cases:
+                t = step(case, warm_up=r == 0)
+                if r:
+                    results[case.name]["times"].append(t)
+        else:
+            before = step(base_case, False)
+            results[base_case.name]["times"].append(before)
+            for case in cases:
+                if case is base_case:
+                    continue
+                t = step(case, False)
+                after = step(base_case, False)
+                results[case.name]["times"].append(t)
+                results[case.name]["ratios"].append(t / (0.5 * (before + after)))
+                results[base_case.name]["times"].append(after)
+                ratio = results[case.name]["ratios"][-1]
+                print(f"    {case.name}: {t:.3f} s, {ratio:.3f} of the base", file=sys.stderr, flush=True)
+                before = after
         print(f"  round {r}/{rounds} done", file=sys.stderr, flush=True)
     for res in results.values():
         res["median"] = statistics.median(res["times"]) if res["times"] else float("nan")
+        res["min"] = min(res["times"]) if res["times"] else float("nan")
+        res["ratio"] = statistics.median(res["ratios"]) if res["ratios"] else 1.0
     return results
+
+
+def print_training_table(cases: list[Case], results: dict[str, dict]) -> None:
+    """Each case's step as ratios to the frozen base and to PEFT's same config: bracketed (median over
+    rounds of the step over the mean of the base steps just before and after it; the figure to read),
+    and of the median and minimum seconds."""
+    print("\n### training step (forward + backward)\n")
+    print(
+        "| config | trainable params | step median (s) | step min (s) | / frozen base (bracketed) "
+        "| / base (medians) | / base (mins) | / PEFT same config (bracketed) |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    base = results["frozen base"]
+    for case in cases:
+        r = results[case.name]
+        ref = results.get(case.peft_ref or "")
+        to_peft = ""
+        if ref and r["ratios"] and ref["ratios"]:
+            to_peft = f"{statistics.median(a / b for a, b in zip(r['ratios'], ref['ratios'], strict=True)):.3f}"
+        print(
+            f"| {case.name} | {r['params']:,} | {r['median']:.3f} | {r['min']:.3f} | {r['ratio']:.3f} "
+            f"| {r['median'] / base['median']:.3f} | {r['min'] / base['min']:.3f} | {to_peft} |",
+            flush=True,
+        )
 
 
 def forward_time(unet: nn.Module, inputs, device: str) -> float:
@@ -195,35 +252,39 @@ def forward_time(unet: nn.Module, inputs, device: str) -> float:
     return CLOCK() - start
 
 
-def time_inference(unet, cases, inputs, rounds: int, device: str) -> dict[str, float]:
-    """Median no-grad eval forward of the base, and of each of our cases unmerged (transformed
-    weights cached, computed once) and merged; interleaved rounds after a warm-up."""
+def time_inference(unet, cases, inputs, rounds: int, device: str) -> dict[str, dict]:
+    """No-grad eval forward of the base, and of each of our cases unmerged (transformed weights cached,
+    computed once) and merged; per round, each case is bracketed by base forwards (see ``time_cases``)."""
     ours = [c for c in cases if c.kind == "ours"]
-    times: dict[str, list[float]] = {"frozen base": []}
-    for case in ours:
-        times[f"{case.name} unmerged (cached)"] = []
-        times[f"{case.name} merged"] = []
+    names = ["frozen base"] + [f"{c.name} {mode}" for c in ours for mode in ("unmerged (cached)", "merged")]
+    results = {name: {"times": [], "ratios": []} for name in names}
     unet.eval()
     for r in range(rounds + 1):
-        t = forward_time(unet, inputs, device)
-        if r:
-            times["frozen base"].append(t)
+        before = forward_time(unet, inputs, device)
         for case in ours:
             do.add_adapter(unet, case.make())
             unet.eval()
             forward_time(unet, inputs, device)  # builds the cached weights
-            t = forward_time(unet, inputs, device)
+            t_unmerged = forward_time(unet, inputs, device)
             do.merge_adapter(unet)
             forward_time(unet, inputs, device)
             t_merged = forward_time(unet, inputs, device)
             do.unmerge_adapter(unet)
             do.remove_adapter(unet)
+            after = forward_time(unet, inputs, device)
             if r:
-                times[f"{case.name} unmerged (cached)"].append(t)
-                times[f"{case.name} merged"].append(t_merged)
+                base = 0.5 * (before + after)
+                results["frozen base"]["times"].append(before)
+                for mode, t in (("unmerged (cached)", t_unmerged), ("merged", t_merged)):
+                    results[f"{case.name} {mode}"]["times"].append(t)
+                    results[f"{case.name} {mode}"]["ratios"].append(t / base)
+            before = after
         print(f"  inference round {r}/{rounds} done", file=sys.stderr, flush=True)
     unet.train()
-    return {k: statistics.median(v) for k, v in times.items()}
+    for res in results.values():
+        res["median"], res["min"] = statistics.median(res["times"]), min(res["times"])
+        res["ratio"] = statistics.median(res["ratios"]) if res["ratios"] else 1.0
+    return results
 
 
 def projection_shapes(unet: nn.Module, inputs) -> Counter:
@@ -379,6 +440,12 @@ def main() -> None:
         help="also time the adapted projections alone (fwd + bwd of each SD shape, weighted by count): adapter vs PEFT",
     )
     parser.add_argument("--projections-only", action="store_true", help="only the --projections table (fast)")
+    parser.add_argument(
+        "--parts",
+        default=None,
+        help=f"comma-separated parts to run, of {','.join(PARTS)} (default: all but projections; --quick: train)",
+    )
+    parser.add_argument("--compile-rounds", type=int, default=1, help="timed rounds of the compiled models")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument(
@@ -401,6 +468,17 @@ def main() -> None:
         import peft  # noqa: F401
     except ImportError:
         with_peft = False
+    if args.parts:
+        parts = set(args.parts.split(","))
+        if parts - set(PARTS):
+            parser.error(f"unknown parts {sorted(parts - set(PARTS))}; choose from {','.join(PARTS)}")
+    elif args.projections_only:
+        parts = {"projections"}
+    else:
+        parts = {"train"} if args.quick else {"train", "compile", "memory", "inference"}
+        parts -= {name for name in ("compile", "memory", "inference") if getattr(args, f"no_{name}")}
+        if args.projections:
+            parts.add("projections")
     resolutions = [int(r) for r in (args.resolutions or ("256" if args.quick else "256,512")).split(",")]
     rounds = args.rounds or (2 if args.quick else 3)
     cases = all_cases(args.quick, with_peft)
@@ -412,65 +490,50 @@ def main() -> None:
     )
     print(
         f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}, median of {rounds} interleaved rounds after a warm-up"
+        f"torch {torch.__version__}, median and min of {rounds} interleaved rounds after a warm-up"
         + (", process CPU time" if args.cpu_time else ", wall time")
     )
     unet = build_unet(args.device, dtype)
     report = {}
     for res in resolutions:
         inputs = make_inputs(res, args.batch, args.device, dtype)
-        if args.projections_only:
-            report[res] = {"projections": report_projections(unet, cases, inputs, rounds, res)}
-            continue
-        results = time_cases(unet, cases, inputs, rounds, args.device)
-        compiled = {}
-        if not args.no_compile and not args.quick:
+        print(f"\n## {res} px (latent {res // 8})")
+        report[res] = part_results = {}
+        if "train" in parts:
+            part_results["results"] = results = time_cases(unet, cases, inputs, rounds, args.device)
+            print_training_table(cases, results)
+        if "compile" in parts:
             compile_cases = [c for c in cases if c.kind != "peft"]
-            compiled = time_cases(unet, compile_cases, inputs, 1, args.device, compiled=True)
-        memory = {}
-        if not args.no_memory and not args.quick:
-            memory = {c.name: peak_memory_of(c, args, res) for c in cases}
-        base = results["frozen base"]["median"]
-        base_c = compiled.get("frozen base", {}).get("median")
-        print(f"\n## {res} px (latent {res // 8})\n")
-        header = "| config | trainable params | step (s) | / frozen base | / PEFT same config |"
-        sep = "| --- | ---: | ---: | ---: | ---: |"
-        if compiled:
-            header += " compiled step (s) | compiled / compiled base |"
-            sep += " ---: | ---: |"
-        if memory:
-            header += " peak mem (GB) | / base |"
-            sep += " ---: | ---: |"
-        print(header)
-        print(sep)
-        for case in cases:
-            r = results[case.name]
-            ratio_peft = ""
-            if case.peft_ref and case.peft_ref in results:
-                ratio_peft = f"{r['median'] / results[case.peft_ref]['median']:.2f}"
-            row = f"| {case.name} | {r['params']:,} | {r['median']:.3f} | {r['median'] / base:.3f} | {ratio_peft} |"
-            if compiled:
-                c = compiled.get(case.name)
-                row += f" {c['median']:.3f} | {c['median'] / base_c:.3f} |" if c else " | |"
-            if memory:
-                row += f" {memory[case.name]:.2f} | {memory[case.name] / memory['frozen base']:.3f} |"
-            print(row, flush=True)
-        inference = {}
-        if not args.no_inference:
-            inference = time_inference(unet, cases, inputs, rounds, args.device)
-            print(f"\n### inference at {res} px: no-grad forward in eval mode\n")
-            print("| config | forward (s) | / frozen base |")
+            part_results["compiled"] = compiled = time_cases(
+                unet, compile_cases, inputs, args.compile_rounds, args.device, compiled=True
+            )
+            print("\n### torch.compile (Inductor) training step\n")
+            print("| config | first step incl. compilation (s) | compiled step (s) | / compiled frozen base |")
+            print("| --- | ---: | ---: | ---: |")
+            base_c = compiled["frozen base"]["median"]
+            for case in compile_cases:
+                c = compiled[case.name]
+                print(f"| {case.name} | {c['first_step_s']:.0f} | {c['median']:.3f} | {c['median'] / base_c:.3f} |")
+        if "memory" in parts:
+            part_results["memory"] = memory = {c.name: peak_memory_of(c, args, res) for c in cases}
+            print("\n### peak memory of a training step (fresh process per row)\n")
+            print("| config | peak (GB) | / frozen base |")
             print("| --- | ---: | ---: |")
+            for case in cases:
+                print(f"| {case.name} | {memory[case.name]:.2f} | {memory[case.name] / memory['frozen base']:.3f} |")
+        if "inference" in parts:
+            part_results["inference"] = inference = time_inference(unet, cases, inputs, rounds, args.device)
+            print("\n### inference: no-grad forward in eval mode\n")
+            print("| config | forward median (s) | forward min (s) | / frozen base (bracketed) | / base (mins) |")
+            print("| --- | ---: | ---: | ---: | ---: |")
+            base_min = inference["frozen base"]["min"]
             for name, t in inference.items():
-                print(f"| {name} | {t:.3f} | {t / inference['frozen base']:.3f} |", flush=True)
-        projections = report_projections(unet, cases, inputs, rounds, res) if args.projections else {}
-        report[res] = {
-            "results": results,
-            "compiled": compiled,
-            "memory": memory,
-            "inference": inference,
-            "projections": projections,
-        }
+                print(
+                    f"| {name} | {t['median']:.3f} | {t['min']:.3f} | {t['ratio']:.3f} | {t['min'] / base_min:.3f} |",
+                    flush=True,
+                )
+        if "projections" in parts:
+            part_results["projections"] = report_projections(unet, cases, inputs, rounds, res)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2, default=str)
