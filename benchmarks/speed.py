@@ -37,7 +37,7 @@ import diffusion_oft as do
 from diffusion_oft.layers import OrthoLinear
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-PARTS = ("train", "compile", "memory", "inference", "projections")
+PARTS = ("train", "flops", "compile", "memory", "inference", "projections")
 
 
 @dataclass
@@ -239,6 +239,22 @@ def print_training_table(cases: list[Case], results: dict[str, dict]) -> None:
             f"| {r['median'] / base['median']:.3f} | {r['min'] / base['min']:.3f} | {to_peft} |",
             flush=True,
         )
+
+
+def count_flops(unet, cases, inputs, device: str) -> dict[str, int]:
+    """Floating-point operations of one training step per case (``FlopCounterMode``: matmuls,
+    convolutions, attention, forward + backward): the machine-independent part of the cost."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    flops = {}
+    for case in cases:
+        restore = apply_case(unet, case)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            train_step(unet, inputs, case, device)
+        flops[case.name] = counter.get_total_flops()
+        restore()
+    return flops
 
 
 def forward_time(unet: nn.Module, inputs, device: str) -> float:
@@ -475,7 +491,7 @@ def main() -> None:
     elif args.projections_only:
         parts = {"projections"}
     else:
-        parts = {"train"} if args.quick else {"train", "compile", "memory", "inference"}
+        parts = {"train"} if args.quick else {"train", "flops", "compile", "memory", "inference"}
         parts -= {name for name in ("compile", "memory", "inference") if getattr(args, f"no_{name}")}
         if args.projections:
             parts.add("projections")
@@ -502,6 +518,13 @@ def main() -> None:
         if "train" in parts:
             part_results["results"] = results = time_cases(unet, cases, inputs, rounds, args.device)
             print_training_table(cases, results)
+        if "flops" in parts:
+            part_results["flops"] = flops = count_flops(unet, cases, inputs, args.device)
+            print("\n### floating-point operations of a training step (FlopCounterMode)\n")
+            print("| config | GFLOP | / frozen base |")
+            print("| --- | ---: | ---: |")
+            for case in cases:
+                print(f"| {case.name} | {flops[case.name] / 1e9:.1f} | {flops[case.name] / flops['frozen base']:.4f} |")
         if "compile" in parts:
             compile_cases = [c for c in cases if c.kind != "peft"]
             part_results["compiled"] = compiled = time_cases(
