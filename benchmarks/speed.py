@@ -169,28 +169,36 @@ def time_cases(unet, cases, inputs, rounds: int, device: str, compiled: bool = F
 
     Eager rounds also bracket every case by frozen-base steps (base, case 1, base, case 2, ..., base),
     and record each case's step over the mean of the two base steps around it: that ratio cancels the
-    slow drifts of a shared machine, which the round-level interleaving alone does not."""
+    slow drifts of a shared machine, which the round-level interleaving alone does not. ``compiled``:
+    each case is compiled once (``torch.compile``, Inductor) and timed for ``rounds`` steps after the
+    compiling step, case after case."""
     results = {c.name: {"times": [], "ratios": [], "params": 0} for c in cases}
     base_case = next(c for c in cases if c.kind == "base")
-    bracket = not compiled
 
     def step(case: Case, warm_up: bool) -> float:
         restore = apply_case(unet, case)
         results[case.name]["params"] = trainable(unet)
-        if compiled:
-            torch._dynamo.reset()  # a fresh compilation per case (no cache-size fallback to eager)
-        model = torch.compile(unet) if compiled else unet
-        if warm_up or compiled:
-            warm = train_step(model, inputs, case, device)  # warm-up (and compilation)
-            results[case.name].setdefault("first_step_s", warm)
-        elapsed = float("nan") if warm_up else train_step(model, inputs, case, device)
+        if warm_up:
+            train_step(unet, inputs, case, device)
+        elapsed = float("nan") if warm_up else train_step(unet, inputs, case, device)
         restore()
-        del model
         gc.collect()
         return elapsed
 
-    for r in range(rounds + 1):  # round 0 is the warm-up
-        if r == 0 or not bracket:
+    if compiled:  # one compilation per case (minutes on CPU), then `rounds` timed steps of it
+        for case in cases:
+            restore = apply_case(unet, case)
+            results[case.name]["params"] = trainable(unet)
+            torch._dynamo.reset()  # a fresh compilation per case (no cache-size fallback to eager)
+            model = torch.compile(unet)
+            results[case.name]["first_step_s"] = train_step(model, inputs, case, device)
+            results[case.name]["times"] = [train_step(model, inputs, case, device) for _ in range(rounds)]
+            print(f"    {case.name} compiled: {results[case.name]['times']}", file=sys.stderr, flush=True)
+            restore()
+            del model
+            gc.collect()
+    for r in range(rounds + 1 if not compiled else 0):  # round 0 is the warm-up
+        if r == 0:
             for case in cases:
                 t = step(case, warm_up=r == 0)
                 if r:
@@ -531,12 +539,15 @@ def main() -> None:
                 unet, compile_cases, inputs, args.compile_rounds, args.device, compiled=True
             )
             print("\n### torch.compile (Inductor) training step\n")
-            print("| config | first step incl. compilation (s) | compiled step (s) | / compiled frozen base |")
-            print("| --- | ---: | ---: | ---: |")
+            eager = part_results.get("results", {})
+            print("| config | first step incl. compiling (s) | compiled step (s) | / compiled base | eager step (s) |")
+            print("| --- | ---: | ---: | ---: | ---: |")
             base_c = compiled["frozen base"]["median"]
             for case in compile_cases:
                 c = compiled[case.name]
-                print(f"| {case.name} | {c['first_step_s']:.0f} | {c['median']:.3f} | {c['median'] / base_c:.3f} |")
+                e = f"{eager[case.name]['median']:.3f}" if case.name in eager else ""
+                ratio = c["median"] / base_c
+                print(f"| {case.name} | {c['first_step_s']:.0f} | {c['median']:.3f} | {ratio:.3f} | {e} |")
         if "memory" in parts:
             part_results["memory"] = memory = {c.name: peak_memory_of(c, args, res) for c in cases}
             print("\n### peak memory of a training step (fresh process per row)\n")
