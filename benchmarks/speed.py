@@ -265,6 +265,15 @@ def count_flops(unet, cases, inputs, device: str) -> dict[str, int]:
     return flops
 
 
+def print_ratio_table(title: str, column: str, values: dict[str, float], fmt="{:.2f}", ratio_fmt="{:.3f}") -> None:
+    """A table of one value per case and its ratio to the frozen base's."""
+    print(f"\n### {title}\n")
+    print(f"| config | {column} | / frozen base |")
+    print("| --- | ---: | ---: |")
+    for name, value in values.items():
+        print(f"| {name} | {fmt.format(value)} | {ratio_fmt.format(value / values['frozen base'])} |")
+
+
 def forward_time(unet: nn.Module, inputs, device: str) -> float:
     sample, t, text = inputs
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -528,11 +537,8 @@ def main() -> None:
             print_training_table(cases, results)
         if "flops" in parts:
             part_results["flops"] = flops = count_flops(unet, cases, inputs, args.device)
-            print("\n### floating-point operations of a training step (FlopCounterMode)\n")
-            print("| config | GFLOP | / frozen base |")
-            print("| --- | ---: | ---: |")
-            for case in cases:
-                print(f"| {case.name} | {flops[case.name] / 1e9:.1f} | {flops[case.name] / flops['frozen base']:.4f} |")
+            print_ratio_table("floating-point operations of a training step (FlopCounterMode)", "GFLOP",
+                              {name: f / 1e9 for name, f in flops.items()}, "{:.1f}", "{:.4f}")
         if "compile" in parts:
             compile_cases = [c for c in cases if c.kind != "peft"]
             part_results["compiled"] = compiled = time_cases(
@@ -550,11 +556,7 @@ def main() -> None:
                 print(f"| {case.name} | {c['first_step_s']:.0f} | {c['median']:.3f} | {ratio:.3f} | {e} |")
         if "memory" in parts:
             part_results["memory"] = memory = {c.name: peak_memory_of(c, args, res) for c in cases}
-            print("\n### peak memory of a training step (fresh process per row)\n")
-            print("| config | peak (GB) | / frozen base |")
-            print("| --- | ---: | ---: |")
-            for case in cases:
-                print(f"| {case.name} | {memory[case.name]:.2f} | {memory[case.name] / memory['frozen base']:.3f} |")
+            print_ratio_table("peak memory of a training step (fresh process per row)", "peak (GB)", memory)
         if "inference" in parts:
             part_results["inference"] = inference = time_inference(unet, cases, inputs, rounds, args.device)
             print("\n### inference: no-grad forward in eval mode\n")
