@@ -130,10 +130,14 @@ class OrthoLinear(nn.Module):
 
     def _transforms(self, name: str, dropout: bool = False) -> tuple[dict[str, BlockTransform], torch.Tensor | None]:
         method = self.ortho_adapters[name]
-        # Built in float32 even under fp16/bf16 autocast.
+        # Built in float32 even under fp16/bf16 autocast; in training, together with the adapter's
+        # other layers when it can (one batched build per step, see ``diffusion_oft.batching``).
         device_type = method_device(method).type
+        batch = getattr(method, "transform_batch", None)
         with torch.autocast(device_type=device_type, enabled=False):
-            transforms = method.transforms(self._scale(name), dropout=dropout)
+            transforms = batch and batch.transforms_of(method, self._scale(name), dropout)
+            if transforms is None:
+                transforms = method.transforms(self._scale(name), dropout=dropout)
         magnitude = None if method.magnitude is None else method.magnitude.float()
         return transforms, magnitude
 

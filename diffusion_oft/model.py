@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .attention import install_processors, uninstall_processors
+from .batching import group_methods
 from .config import AdapterConfig
 from .layers import OrthoLinear
 from .methods import get_method_class
@@ -94,9 +95,10 @@ def add_adapter(model: nn.Module, config: AdapterConfig, adapter_name: str = "de
         method = method_cls(target.in_features, target.out_features, config)
         layer.add_adapter(adapter_name, method)
         layer.train(layer.base_layer.training)  # new modules start in train mode; follow the model (eval: cache)
-    for layer in ortho_layers(model):  # only the new adapter trains; earlier ones are frozen too
-        if adapter_name in layer.ortho_adapters:
-            layer.ortho_adapters[adapter_name].requires_grad_(True)
+    new_methods = [layer.ortho_adapters[adapter_name] for layer in ortho_layers(model) if adapter_name in layer.ortho_adapters]
+    for method in new_methods:  # only the new adapter trains; earlier ones are frozen too
+        method.requires_grad_(True)
+    group_methods(new_methods)  # training builds their transforms together (see diffusion_oft.batching)
     install_processors(model)
     configs = dict(adapter_configs(model))
     configs[adapter_name] = config

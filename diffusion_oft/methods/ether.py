@@ -40,21 +40,29 @@ class _HouseholderMethod(OrthoMethod):
 
     def __init__(self, in_features: int, out_features: int, config: AdapterConfig):
         super().__init__(in_features, out_features, config)
-        for name, shape in self.own_parameter_shapes(in_features, out_features, config).items():
+        shapes = self.own_parameter_shapes(in_features, out_features, config)
+        for name, shape in shapes.items():
             self.register_parameter(name, nn.Parameter(torch.empty(shape)))
+        self._block_names = tuple(shapes)
         self.reset_parameters()
 
     def vectors(self, side: str) -> list[torch.Tensor]:
         return [getattr(self, f"{vec}_{_SIDE_SUFFIX[side]}") for vec in self.vector_names]
 
-    def _basis_and_core(self, side: str, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(n, b, k) basis and (n, k, k) core with H = I + A M A^T per block."""
+    def block_parameters(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in self._block_names}
+
+    def _basis_and_core(self, vectors: list[torch.Tensor], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, b, k) basis and (n, k, k) core with H = I + A M A^T per block, from one side's (n, b) vectors."""
         raise NotImplementedError
 
-    def transforms(self, scale: float = 1.0, dropout: bool = False) -> dict[str, BlockTransform]:
+    def build_transforms(
+        self, params: dict[str, torch.Tensor], key: tuple, scale: float = 1.0, dropout: bool = False
+    ) -> dict[str, BlockTransform]:
         out = {}
         for side in self.sides(self.config):
-            basis, core = self._basis_and_core(side, scale)
+            vectors = [params[f"{vec}_{_SIDE_SUFFIX[side]}"] for vec in self.vector_names]
+            basis, core = self._basis_and_core(vectors, scale)
             keep = self.block_keep_mask((basis.shape[0],), basis.device, dropout)
             if keep is not None:
                 core = core * keep[:, None, None]  # a dropped block becomes I
@@ -77,9 +85,9 @@ class ETHER(_HouseholderMethod):
         if self.magnitude is not None:
             nn.init.ones_(self.magnitude)
 
-    def _basis_and_core(self, side: str, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def _basis_and_core(self, vectors: list[torch.Tensor], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         # H = I - 2 s u^ u^T: s = 1 is the reflection, s = 0 the identity (orthogonal only at 0 and 1).
-        (u,) = self.vectors(side)
+        (u,) = vectors
         basis = _unit(u).unsqueeze(-1)  # (n, b, 1)
         return basis, torch.full((basis.shape[0], 1, 1), -2.0 * scale, device=basis.device)
 
@@ -107,10 +115,10 @@ class ETHERPlus(_HouseholderMethod):
         if self.magnitude is not None:
             nn.init.ones_(self.magnitude)
 
-    def _basis_and_core(self, side: str, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def _basis_and_core(self, vectors: list[torch.Tensor], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         # -u^u^T + v^v^T = -1/2 (q p^T + p q^T) with p = u^ + v^, q = u^ - v^.  At init v = -u, so p = 0
         # exactly and H+ = I holds bit for bit (no cancellation of two rounded terms).
-        u, v = (_unit(x) for x in self.vectors(side))
+        u, v = (_unit(x) for x in vectors)
         basis = torch.stack([u + v, u - v], dim=-1)  # (n, b, 2)
         core = torch.tensor([[0.0, -0.5], [-0.5, 0.0]], device=basis.device) * scale
         return basis, core.expand(basis.shape[0], 2, 2)

@@ -32,6 +32,15 @@ class BlockTransform:
     def inverse(self) -> BlockTransform:  # pragma: no cover
         raise NotImplementedError
 
+    def split(self, dims: list[int]) -> list[BlockTransform]:  # pragma: no cover
+        """The transforms of consecutive coordinate ranges of sizes ``dims`` (views, differentiable):
+        a transform built from several layers' concatenated parameters is their direct sum."""
+        raise NotImplementedError
+
+    def tensors(self) -> list[torch.Tensor]:  # pragma: no cover
+        """The tensors this transform is made of."""
+        raise NotImplementedError
+
     @property
     def device(self) -> torch.device:  # pragma: no cover
         raise NotImplementedError
@@ -165,6 +174,14 @@ class ButterflyTransform(BlockTransform):
         blocks = rows.reshape(span, chunks, span).transpose(0, 1)  # (chunks, span, span)
         return ButterflyTransform(blocks.unsqueeze(0), [0])
 
+    def split(self, dims: list[int]) -> list[ButterflyTransform]:
+        # Butterfly shuffles stay inside chunks of ``span`` coordinates, which divide every layer's dim.
+        pieces = self.blocks.split([d // self.block_size for d in dims], dim=1)
+        return [ButterflyTransform(p, self.levels) for p in pieces]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.blocks]
+
     def linear_after(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.levels == [0] and rotate_weight_first(x, weight):
             return _RotatedWeightLinear.apply(x, self.blocks[0].to(x.dtype), weight, bias)
@@ -195,6 +212,13 @@ class LowRankBlockTransform(BlockTransform):
     @property
     def device(self) -> torch.device:
         return self.basis.device
+
+    def split(self, dims: list[int]) -> list[LowRankBlockTransform]:
+        sizes = [d // self.basis.shape[1] for d in dims]
+        return [LowRankBlockTransform(a, m) for a, m in zip(self.basis.split(sizes), self.core.split(sizes), strict=True)]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.basis, self.core]
 
     @property
     def fusable(self) -> bool:
