@@ -95,7 +95,7 @@ def add_adapter(model: nn.Module, config: AdapterConfig, adapter_name: str = "de
         method = method_cls(target.in_features, target.out_features, config)
         layer.add_adapter(adapter_name, method)
         layer.train(layer.base_layer.training)  # new modules start in train mode; follow the model (eval: cache)
-    new_methods = [layer.ortho_adapters[adapter_name] for layer in ortho_layers(model) if adapter_name in layer.ortho_adapters]
+    new_methods = [m.ortho_adapters[adapter_name] for m in ortho_layers(model) if adapter_name in m.ortho_adapters]
     for method in new_methods:  # only the new adapter trains; earlier ones are frozen too
         method.requires_grad_(True)
     group_methods(new_methods)  # training builds their transforms together (see diffusion_oft.batching)

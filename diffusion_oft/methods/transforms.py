@@ -215,7 +215,8 @@ class LowRankBlockTransform(BlockTransform):
 
     def split(self, dims: list[int]) -> list[LowRankBlockTransform]:
         sizes = [d // self.basis.shape[1] for d in dims]
-        return [LowRankBlockTransform(a, m) for a, m in zip(self.basis.split(sizes), self.core.split(sizes), strict=True)]
+        pieces = zip(self.basis.split(sizes), self.core.split(sizes), strict=True)
+        return [LowRankBlockTransform(basis, core) for basis, core in pieces]
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.basis, self.core]
