@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .methods.base import OrthoMethod
-from .methods.transforms import BlockTransform, LowRankBlockTransform, fused_low_rank_linear
+from .methods.transforms import BlockTransform, LowRankBlockTransform, fused_low_rank_linear, low_rank_on_weight
 
 
 def _apply_to_weight(
@@ -155,7 +155,8 @@ class OrthoLinear(nn.Module):
         weight, bias = self.base_layer.weight, self.base_layer.bias
         if len(built) == 1 and built[0][1] is None:
             transforms = built[0][0]
-            if all(isinstance(t, LowRankBlockTransform) and t.fusable for t in transforms.values()):
+            fusable = all(isinstance(t, LowRankBlockTransform) and t.fusable for t in transforms.values())
+            if fusable and low_rank_on_weight(x, weight):
                 # ETHER / ETHER+: both sides folded around the frozen linear as thin matmuls.
                 return fused_low_rank_linear(x, weight, bias, transforms.get("input"), transforms.get("output"))
         # Input sides: x R_in,K ... R_in,1 W^T (the last adapter acts first on the input); the one next

@@ -119,7 +119,8 @@ def test_ether_plus_is_not_orthogonal_but_invertible():
     r = t.to_dense()
     assert (r.T @ r - torch.eye(16)).norm() > 1e-2
     inv = t.inverse().to_dense()
-    torch.testing.assert_close(r.double() @ inv.double(), torch.eye(16, dtype=torch.float64), atol=1e-5, rtol=0)
+    # float32 products of a non-orthogonal H+ (condition number > 1) with its inverse
+    torch.testing.assert_close(r.double() @ inv.double(), torch.eye(16, dtype=torch.float64), atol=5e-5, rtol=0)
 
 
 def test_cayley_exact_and_neumann_agree_up_to_series_error():

@@ -228,18 +228,12 @@ class LowRankBlockTransform(BlockTransform):
 
     def thin_basis(self, dtype: torch.dtype) -> torch.Tensor:
         """A = BlockDiag(A_1..A_n): (d, n*k), mostly zeros but thin (n*k columns)."""
-        return torch.block_diag(*self.basis.to(dtype).unbind(0))
+        return _block_diagonal(self.basis.to(dtype))
 
     def block_core(self, dtype: torch.dtype, transpose: bool = False) -> torch.Tensor:
         """BlockDiag(M_1..M_n): (n*k, n*k)."""
         core = self.core.to(dtype)
-        if transpose:
-            core = core.transpose(-1, -2)
-        return torch.block_diag(*core.unbind(0))
-
-    def _low_rank(self, x: torch.Tensor, transpose: bool) -> torch.Tensor:
-        """(x A) M (or M^T): (..., n*k)."""
-        return (x @ self.thin_basis(x.dtype)) @ self.block_core(x.dtype, transpose)
+        return _block_diagonal(core.transpose(-1, -2) if transpose else core)
 
     def right_mul(self, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
         n, b, k = self.basis.shape
@@ -250,15 +244,17 @@ class LowRankBlockTransform(BlockTransform):
             coeff = torch.einsum("...nb,nbk->...nk", xb, basis)
             coeff = torch.einsum("...nk,nkl->...nl", coeff, core.transpose(-1, -2) if transpose else core)
             return (xb + torch.einsum("...nl,nbl->...nb", coeff, basis)).reshape(x.shape)
-        return x + self._low_rank(x, transpose) @ self.thin_basis(x.dtype).t()
+        # x + (x A) M A^T = x + (x A) (A M^T)^T: two passes over x (one thin matmul, one addmm).
+        a = self.thin_basis(x.dtype)
+        x2 = x.reshape(-1, x.shape[-1])
+        am = a @ self.block_core(x.dtype, transpose=not transpose)  # (d, n k): A M^T (or A M)
+        return torch.addmm(x2, x2 @ a, am.t()).view(x.shape)
 
     def linear_after(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        # (x H) W^T = x W^T + (x A) M (W A)^T: the frozen linear plus two thin matmuls.
-        n, _, k = self.basis.shape
-        if n * k > 64:
+        # (x H) W^T = x W^T + (x A) M (W A)^T: the frozen linear plus a LoRA-shaped correction.
+        if not (self.fusable and low_rank_on_weight(x, weight)):
             return super().linear_after(x, weight, bias)
-        a = self.thin_basis(weight.dtype)
-        return F.linear(x, weight, bias) + self._low_rank(x, False) @ (weight @ a).t()
+        return fused_low_rank_linear(x, weight, bias, self, None)
 
     def inverse(self) -> LowRankBlockTransform:
         # Woodbury: (I + A M A^T)^-1 = I - A (M^-1 + A^T A)^-1 A^T, a k x k solve per block.
@@ -275,6 +271,29 @@ class LowRankBlockTransform(BlockTransform):
         return LowRankBlockTransform(self.basis, -torch.linalg.solve(inner, eye))  # float64 core
 
 
+def _block_diagonal(blocks: torch.Tensor) -> torch.Tensor:
+    """(n, p, q) blocks -> the (n*p, n*q) block-diagonal matrix, in one broadcast multiply."""
+    n, p, q = blocks.shape
+    eye = torch.eye(n, dtype=blocks.dtype, device=blocks.device)
+    return (blocks[:, :, None, :] * eye[:, None, :, None]).reshape(n * p, n * q)
+
+
+def low_rank_on_weight(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Where a low-rank (Householder-type) transform goes in training: fused with the frozen weight
+    (P = W A: d_out * d_in * k, in the forward and again in the backward) or on the activations
+    (x + (x A) M A^T: tokens * d_in * k, no extra pass over W).  The weight side wins when W has
+    fewer rows than x has tokens, and also when x needs no gradient (text K/V inputs): the
+    activation side would then add the full g @ W product (tokens * d_out * d_in) to the backward
+    just to reach A, which the weight side gets from W^T dP (d_out * d_in * k)."""
+    tokens = x.numel() // max(1, x.shape[-1])
+    return (
+        (weight.shape[0] < tokens or not x.requires_grad)
+        and not weight.requires_grad
+        and x.dtype == weight.dtype
+        and not torch.is_autocast_enabled(x.device.type)
+    )
+
+
 def fused_low_rank_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -282,36 +301,36 @@ def fused_low_rank_linear(
     t_in: LowRankBlockTransform | None,
     t_out: LowRankBlockTransform | None,
 ) -> torch.Tensor:
-    """y = H_out (x H_in) W^T-style product for low-rank transforms on one or both sides, plus bias.
+    """y = x (H_out W H_in^T)^T + bias for low-rank transforms on one or both sides, as a LoRA:
+    y = x W^T + b + (x L) R^T with a thin L (d_in, r) and R (d_out, r) made from the weight.
 
-    With H_in = I + A M A^T, H_out = I + B N B^T, P = W A, Q = W^T B, G = P^T B:
-        C1 = (x A) M,   C2 = (x Q + C1 G) N^T,   y = x W^T + b + [C1 C2] [P B]^T.
-    One thin matmul reads x, one adds the correction to the frozen linear's output: a LoRA's cost.
+    With H_in = I + A M A^T, H_out = I + B N B^T, P = W A, Q = W^T B and G = P^T B:
+        y = x W^T + b + (x A) M P^T + (x Q) N^T B^T + (x A) M G N^T B^T,
+    so L = [A, Q] and R = [P M^T + B (M G N^T)^T, B N].  The activations see two passes (x L and one
+    addmm into y) forward, like a LoRA of rank r; everything else is weight-sized.
     """
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     dtype = x2.dtype
-    y = F.linear(x2, weight, bias)
-    left, right, mats = [], [], []
+    left, right = [], []
     if t_in is not None:
-        a = t_in.thin_basis(dtype)
+        a = t_in.thin_basis(dtype)  # (d_in, r1)
+        m = t_in.block_core(dtype)  # (r1, r1)
+        p = weight @ a  # (d_out, r1)
+        right_a = p @ m.t()
         left.append(a)
     if t_out is not None:
-        b = t_out.thin_basis(dtype)
-        left.append(weight.t() @ b)  # Q = W^T B
-    coeffs = (x2 @ torch.cat(left, dim=1)) if len(left) > 1 else x2 @ left[0]
-    if t_in is not None:
-        p = weight @ a  # (out, n k)
-        c1 = coeffs[:, : a.shape[1]] @ t_in.block_core(dtype)
-        mats.append(c1)
-        right.append(p)
-    if t_out is not None:
-        u_q = coeffs[:, -b.shape[1] :]
+        b = t_out.thin_basis(dtype)  # (d_out, r2)
+        n = t_out.block_core(dtype)  # (r2, r2)
+        left.append(weight.t() @ b)  # Q: (d_in, r2)
         if t_in is not None:
-            u_q = u_q + c1 @ (p.t() @ b)  # + C1 G
-        mats.append(u_q @ t_out.block_core(dtype, transpose=True))
-        right.append(b)
-    c = torch.cat(mats, dim=1) if len(mats) > 1 else mats[0]
-    r = torch.cat(right, dim=1) if len(right) > 1 else right[0]
-    y = torch.addmm(y, c, r.t())
-    return y.reshape(*lead, y.shape[-1])
+            right_a = right_a + b @ (m @ (p.t() @ b) @ n.t()).t()
+    if t_in is not None:
+        right.append(right_a)
+    if t_out is not None:
+        right.append(b @ n)
+    thin_left = torch.cat(left, dim=1) if len(left) > 1 else left[0]
+    thin_right = torch.cat(right, dim=1) if len(right) > 1 else right[0]
+    y = F.linear(x2, weight, bias)
+    y = torch.addmm(y, x2 @ thin_left, thin_right.t())
+    return y.view(*lead, y.shape[-1])
