@@ -340,44 +340,57 @@ def projection_shapes(unet: nn.Module, inputs) -> Counter:
     return found
 
 
-def time_projections(unet, cases, inputs, rounds: int, reps: int = 5) -> dict[str, float]:
-    """Forward + backward of the adapted projections alone (each SD shape timed on its own
-    ``nn.Linear``, weighted by how often the UNet has it), summed: the adapter's own cost without the
-    rest of the UNet's noise. Interleaved rounds after a warm-up, median per shape."""
+class ProjectionStack(nn.Module):
+    """Every targeted projection of the UNet (same shapes, as many of each), with its own input and
+    upstream gradient: forward + backward of all of them is the adapters' share of a training step
+    without the rest of the UNet (and its noise). One adapter on the stack, so its transforms are
+    built as in the UNet (one batched build per step)."""
+
+    def __init__(self, shapes: Counter, gen: torch.Generator):
+        super().__init__()
+        self.blocks = nn.ModuleList()
+        self.inputs, self.upstream = [], []
+        for (shape, needs_grad, d_in, d_out), count in shapes.items():
+            for _ in range(count):
+                block = nn.Module()
+                block.to_q = nn.Linear(d_in, d_out)
+                self.blocks.append(block)
+                self.inputs.append(torch.randn(shape, generator=gen).requires_grad_(needs_grad))
+                self.upstream.append(torch.randn(*shape[:-1], d_out, generator=gen))
+
+    def step(self) -> None:
+        loss = sum((blk.to_q(x) * up).sum() for blk, x, up in zip(self.blocks, self.inputs, self.upstream, strict=True))
+        if loss.requires_grad:
+            loss.backward()
+        self.zero_grad(set_to_none=True)
+        for x in self.inputs:
+            x.grad = None
+
+
+def time_projections(unet, cases, inputs, rounds: int, reps: int = 3) -> dict[str, float]:
+    """Forward + backward of all the adapted projections of one UNet step (``ProjectionStack``), per
+    case; interleaved rounds after a warm-up, median of the per-round times."""
     shapes = projection_shapes(unet, inputs)
-    gen = torch.Generator().manual_seed(0)
-    total = {c.name: 0.0 for c in cases}
-    for (shape, needs_grad, d_in, d_out), count in shapes.items():
-        x = torch.randn(shape, generator=gen).requires_grad_(needs_grad)
-        upstream = torch.randn(*shape[:-1], d_out, generator=gen)
-        holders = {}
-        for case in cases:
-            torch.manual_seed(0)
-            holder = nn.Module()
-            holder.to_q = nn.Linear(d_in, d_out)
-            apply_case(holder, case)
-            holders[case.name] = holder
-        times: dict[str, list[float]] = {c.name: [] for c in cases}
-        for r in range(rounds + 1):
-            for name, holder in holders.items():
-                start = CLOCK()
-                for _ in range(reps):
-                    out = holder.to_q(x)
-                    if out.requires_grad:
-                        out.backward(upstream)
-                elapsed = (CLOCK() - start) / reps
-                holder.zero_grad(set_to_none=True)
-                x.grad = None
-                if r:
-                    times[name].append(elapsed)
-        for name, ts in times.items():
-            total[name] += statistics.median(ts) * count
-    return total
+    stacks = {}
+    for case in cases:
+        torch.manual_seed(0)
+        stack = ProjectionStack(shapes, torch.Generator().manual_seed(0))
+        apply_case(stack, case)
+        stacks[case.name] = stack
+    times: dict[str, list[float]] = {c.name: [] for c in cases}
+    for r in range(rounds + 1):
+        for name, stack in stacks.items():
+            start = CLOCK()
+            for _ in range(reps):
+                stack.step()
+            if r:
+                times[name].append((CLOCK() - start) / reps)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def report_projections(unet, cases, inputs, rounds: int, res: int) -> dict[str, float]:
     """Times the adapted projections alone (``time_projections``) and prints their table."""
-    projections = time_projections(unet, cases, inputs, max(rounds, 5))
+    projections = time_projections(unet, cases, inputs, max(rounds, 10))
     print(f"\n### adapted projections at {res} px: forward + backward of the targeted projections alone\n")
     print("| config | projections (ms per step) | / frozen projections | / PEFT same config |")
     print("| --- | ---: | ---: | ---: |")

@@ -138,3 +138,28 @@ def test_not_used_without_grad_or_when_frozen(unet_inputs, monkeypatch):
     loss_of(unet, unet_inputs).backward()
     sizes_second = {len(m.transform_batch.members) for m in unet.modules() if type(m).__name__ == "ETHERPlus"}
     assert builds and set(builds) <= sizes_second  # only the trainable adapter is batched
+
+
+@pytest.mark.parametrize("mode", ["exact", "neumann"])
+def test_blocks_outside_the_fast_range_fall_back_alone_and_identically(mode, monkeypatch):
+    """A few large blocks (exact: |S|_F > 0.5, the doubling product's range; Neumann: |S|_2 >= 1) take
+    the exact solve on their own; every block's result is the same whichever batch it is built in."""
+    from diffusion_oft.methods import boft
+    from diffusion_oft.methods.cayley import cayley
+
+    monkeypatch.setattr(boft, "_neumann_warned", False)
+    unet, plain = adapted_pair({**CONFIGS["oft"], "cayley_mode": mode}, std=0.01)
+    method = next(m for m in unet.modules() if isinstance(m, boft.OFT))
+    with torch.no_grad():
+        method.skew[1].normal_(std=2.0)  # one large block in one layer
+    batch = method.transform_batch
+    with torch.enable_grad():
+        grouped = batch.transforms_of(method, 1.0, False)["input"].blocks[0]
+    own = method.transforms()["input"].blocks[0]
+    assert torch.equal(grouped, own)
+    assert method._neumann_check[1] is False  # (the last plan: one block outside)
+    skew = method.skew_matrices()[0]  # (n, b, b)
+    expected = torch.stack([cayley(s[None], "exact" if i == 1 else mode)[0] for i, s in enumerate(skew)])
+    torch.testing.assert_close(own, expected, atol=2e-6, rtol=0)
+    eye = torch.eye(own.shape[-1])
+    torch.testing.assert_close(own[1] @ own[1].T, eye, atol=1e-5, rtol=0)  # the large block is orthogonal

@@ -34,6 +34,8 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, unet_inputs, method):
     fresh = make_tiny_unet()
     do.load_adapter(fresh, path)
     assert torch.equal(run_unet(fresh, unet_inputs), expected)
+    for p in do.adapter_parameters(fresh):  # trainable like the saved one: the same training-mode path
+        p.requires_grad_(True)
     assert torch.equal(run_unet(fresh, unet_inputs, grad=True).detach(), run_unet(unet, unet_inputs, grad=True))
 
 

@@ -232,3 +232,19 @@ def test_large_blocks_solve_with_several_threads_without_hanging():
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_exact_cayley_by_the_doubling_product_matches_the_solve():
+    from diffusion_oft.methods.cayley import SERIES_MAX_NORM
+
+    torch.manual_seed(0)
+    for size in (2, 8, 32):
+        s = skew_from_triu(torch.randn(20, size * (size - 1) // 2), size)
+        s = s * (SERIES_MAX_NORM / torch.linalg.matrix_norm(s).amax())  # largest |S|_F at the limit
+        product = cayley(s, "exact", series_ok=True)
+        solved = cayley(s.double(), "exact").float()
+        torch.testing.assert_close(product, solved, atol=1e-6, rtol=0)
+        eye = torch.eye(size).expand_as(product)
+        torch.testing.assert_close(product @ product.mT, eye, atol=1e-6, rtol=0)
+    zero = torch.zeros(3, 4, 4)
+    assert torch.equal(cayley(zero, "exact", series_ok=True), torch.eye(4).expand(3, 4, 4))

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..config import AdapterConfig
 from .base import OrthoMethod, block_structure, register_method
-from .cayley import cayley, num_skew_params, skew_from_triu
+from .cayley import SERIES_MAX_NORM, cayley, num_skew_params, skew_from_triu
 from .transforms import BlockTransform, ButterflyTransform
 
 # The Neumann series for (I - S)^-1 converges for |S|_2 < 1 (S is normal: |S|_2 is its spectral radius).
@@ -30,7 +30,7 @@ def _warn_neumann_fallback(bound: float) -> None:
         _neumann_warned = True
         logger.warning(
             "cayley_mode='neumann': a skew block has |S|_2 = %.3g >= %g, outside the series' region of "
-            "convergence; those layers use the exact Cayley transform until |S| is back inside "
+            "convergence; those blocks use the exact Cayley transform until |S| is back inside "
             "(warned once)", bound, NEUMANN_LIMIT,
         )
 
@@ -90,11 +90,13 @@ class BOFT(OrthoMethod):
         self, params: dict[str, torch.Tensor], key: tuple, scale: float = 1.0, dropout: bool = False
     ) -> dict[str, BlockTransform]:
         cfg = self.config
-        skew = self.skew_matrices(scale, params["skew"])
-        bound = self._skew_bound(skew, scale, key)
-        neumann_ok = bound is not None and bound < NEUMANN_LIMIT
-        mode = "exact" if cfg.cayley_mode == "neumann" and not neumann_ok else cfg.cayley_mode
-        blocks = cayley(skew, mode, cfg.neumann_terms, bound=bound)  # (m, n, b, b)
+        skew = self.skew_matrices(scale, params["skew"])  # (m, n, b, b)
+        mode, fallback = self._cayley_plan(skew, scale, key)
+        flat = skew.flatten(0, 1)
+        blocks = cayley(flat, "exact" if mode == "series" else mode, cfg.neumann_terms, series_ok=mode == "series")
+        if fallback is not None:  # the few blocks outside the fast path's range: exact solve
+            blocks = blocks.index_copy(0, fallback, cayley(flat.index_select(0, fallback), "exact"))
+        blocks = blocks.view(skew.shape)
         keep = self.block_keep_mask(blocks.shape[:2], blocks.device, dropout)
         if keep is not None:
             eye = torch.eye(self.block_size, device=blocks.device, dtype=blocks.dtype)
@@ -109,37 +111,51 @@ class BOFT(OrthoMethod):
             rotation = rotation.collapsed()
         return {cfg.side: rotation}
 
-    def _skew_bound(self, skew: torch.Tensor, scale: float, key: tuple) -> float | None:
-        """An upper bound on every block's |S|_2 (host float), or None (unknown: exact mode solves).
+    def _cayley_plan(self, skew: torch.Tensor, scale: float, key: tuple) -> tuple[str, torch.Tensor | None]:
+        """How to build the rotations: a mode for all blocks ("series": the exact transform by the
+        matmul-only product, "neumann", or "exact": solve) and the indices (into the flattened blocks)
+        of those that need the exact solve instead, or None.  Decided per block, so a block's result
+        does not depend on the other blocks built with it (one layer or a batch of layers).
 
-        The cheap |S|_F >= |S|_2 is used; in Neumann mode, where 1 decides between the series and the
-        exact transform, |S|_2 itself is computed for the blocks whose |S|_F fails.  Computed on the
-        host once per change of the parameters (``key``: their in-place version counters, bumped by
-        every optimizer step or load) and scale, so the normal path has one sync per step; under
-        torch.compile the exact mode skips it (solve) and the Neumann mode reuses the last answer (no
-        graph break), which ``constrain_`` (run eagerly by ``apply_constraints``) refreshes.  Outside
-        the series' region the Neumann mode falls back to the exact transform, warned once.
+        Exact mode: the product when |S|_F <= SERIES_MAX_NORM.  Neumann mode: the series when
+        |S|_2 < 1 (cheap |S|_F first, |S|_2 only where that fails), else exact, warned once.
+        Computed on the host once per change of the parameters (``key``: their storage and in-place
+        versions, bumped by every optimizer step or load) and scale: one sync per step.  Under
+        torch.compile the exact mode solves and the Neumann mode reuses the last answer for all
+        blocks (no graph break; ``constrain_``, run eagerly by ``apply_constraints``, refreshes it).
         """
         neumann = self.config.cayley_mode == "neumann"
         cached = getattr(self, "_neumann_check", None)
         if torch.compiler.is_compiling():
             if not neumann:
-                return None
-            return 0.0 if cached is None or cached[1] else float("inf")  # the last answer, no sync
+                return "exact", None
+            return ("neumann" if cached is None or cached[1] else "exact"), None  # the last answer, no sync
         full_key = (key, scale)
         if cached is not None and cached[0] == full_key:
-            return cached[2]
+            return cached[2], cached[3]
         with torch.no_grad():
             flat = skew.detach().flatten(0, -3)
-            frobenius = flat.flatten(-2).norm(dim=-1) if flat.numel() else flat.new_zeros(1)
-            bound = float(frobenius.max())
-            if neumann and bound >= NEUMANN_LIMIT:  # the cheap bound fails: the exact |S|_2 decides
-                bound = float(torch.linalg.matrix_norm(flat[frobenius >= NEUMANN_LIMIT], ord=2).max())
-        ok = bound < NEUMANN_LIMIT
-        self._neumann_check = (full_key, ok, bound)
-        if neumann and not ok:
-            _warn_neumann_fallback(bound)
-        return bound
+            frobenius = flat.flatten(-2).norm(dim=-1)
+            limit = NEUMANN_LIMIT if neumann else SERIES_MAX_NORM
+            outside = frobenius >= limit if neumann else frobenius > limit
+            norm_2 = 0.0
+            if neumann and bool(outside.any()):  # the cheap bound fails: the exact |S|_2 decides
+                candidates = outside.nonzero().flatten()
+                spectral = torch.linalg.matrix_norm(flat[candidates], ord=2)
+                norm_2 = float(spectral.max())
+                outside = torch.zeros_like(outside)
+                outside[candidates[spectral >= NEUMANN_LIMIT]] = True
+            n_outside = int(outside.sum())
+        mode = "neumann" if neumann else "series"
+        fallback = None
+        if n_outside == flat.shape[0] and n_outside:
+            mode = "exact"
+        elif n_outside:
+            fallback = outside.nonzero().flatten()
+        self._neumann_check = (full_key, n_outside == 0, mode, fallback)
+        if neumann and n_outside:
+            _warn_neumann_fallback(norm_2)
+        return mode, fallback
 
     @torch.no_grad()
     def constrain_(self) -> None:
@@ -152,7 +168,7 @@ class BOFT(OrthoMethod):
             factor = torch.clamp(eps / norms.clamp_min(1e-12), max=1.0)
             self.skew.mul_(factor.to(self.skew.dtype))
         if self.config.cayley_mode == "neumann":
-            self._skew_bound(self.skew_matrices(), 1.0, self.own_key())
+            self._cayley_plan(self.skew_matrices(), 1.0, self.own_key())
 
     def extra_repr(self) -> str:
         m = self.n_factors(self.config)

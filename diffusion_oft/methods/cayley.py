@@ -5,13 +5,14 @@ Sign convention (used everywhere in diffusion-oft):
     R = Cayley(S) = (I + S)(I - S)^-1 = (I - S)^-1 (I + S)        S = -S^T
 
 so that R ~ I + 2S for small S.  The exact mode computes (I - S)^-1 to float32 precision:
-  * when the caller knows a bound |S|_2 <= f < SERIES_MAX_NORM (``bound``; the methods pass the
-    largest |S|_F of the batch, computed once per parameter change), by the doubling product
-    (I - S)^-1 = (I + S)(I + S^2)(I + S^4)..., stopped when the remainder |S|^(2^j) is below
-    float32 rounding: 2 batched matmuls per factor (a few factors), no LAPACK call;
+  * by the doubling product (I - S)^-1 = (I + S)(I + S^2)(I + S^4)(I + S^8)(I + S^16) (+ a
+    remainder of order |S|^32): 9 batched matmuls, no LAPACK call, valid when every block has
+    |S|_2 <= SERIES_MAX_NORM (0.5: remainder <= 2e-10).  Callers that know this (``series_ok``;
+    the methods check |S|_F once per parameter change) get it;
   * otherwise by ``torch.linalg.solve`` (large blocks one per call on CPU: see ``linalg``).
-On CPU a batched LU pays ~15 us per matrix however small, so the product is 3-6x faster for
-the 8x8 / 32x32 blocks of BOFT / OFT.  The Neumann mode (OFTv2) replaces (I - S)^-1 by the
+On CPU a batched LU pays ~15 us per matrix however small, so the product is several times faster
+for the 8x8 / 32x32 blocks of BOFT / OFT.  Its length is fixed, so a block's result never depends
+on which other blocks are in the batch.  The Neumann mode (OFTv2) replaces (I - S)^-1 by the
 truncated series I + S + S^2 + ... + S^k; both modes agree up to its error, O(|S|^(k+1)).
 """
 
@@ -23,23 +24,12 @@ import torch
 
 from .linalg import solve
 
-__all__ = ["num_skew_params", "skew_from_triu", "triu_from_skew", "cayley", "exact_series_factors"]
+__all__ = ["num_skew_params", "skew_from_triu", "triu_from_skew", "cayley", "SERIES_MAX_NORM"]
 
-# The doubling product is used for |S|_2 <= f below this (at 0.9: 8 factors, 15 matmuls).
-SERIES_MAX_NORM = 0.9
-# Stop when the remainder |S|^(2^j) of (I - S)^-1 is below this (float32's unit roundoff / 2).
-_SERIES_TOLERANCE = 2.0**-25
-
-
-def exact_series_factors(bound: float | None) -> int | None:
-    """Number j of factors (I + S^(2^i)), i < j, that give (I - S)^-1 to float32 precision for
-    |S|_2 <= bound, or None when the product should not be used (no bound, or bound too large)."""
-    if bound is None or not bound < SERIES_MAX_NORM:
-        return None
-    j = 1
-    while bound ** (2**j) > _SERIES_TOLERANCE:
-        j += 1
-    return j
+# The doubling product is used for |S|_2 <= SERIES_MAX_NORM: SERIES_FACTORS factors leave a remainder
+# |S|^(2^SERIES_FACTORS) <= 0.5^32 = 2.3e-10, below float32 rounding.
+SERIES_MAX_NORM = 0.5
+SERIES_FACTORS = 5
 
 
 def num_skew_params(block_size: int) -> int:
@@ -89,7 +79,7 @@ def triu_from_skew(skew: torch.Tensor) -> torch.Tensor:
 
 
 class _ExactCayley(torch.autograd.Function):
-    """R = (I - S)^-1 (I + S) by the doubling product (``factors`` given) or one batched solve; the
+    """R = (I - S)^-1 (I + S) by the doubling product (``series``) or one batched solve; the
     backward needs neither.
 
     With X = (I - S)^-1 = (R + I) / 2:  dR = 2 X dS X,  so  dL/dS = 2 X^T G X^T = 1/2 (R + I)^T G (R + I)^T,
@@ -97,15 +87,15 @@ class _ExactCayley(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, skew: torch.Tensor, factors: int | None) -> torch.Tensor:
+    def forward(ctx, skew: torch.Tensor, series: bool) -> torch.Tensor:
         eye = torch.eye(skew.shape[-1], device=skew.device, dtype=skew.dtype)
-        if factors is None:
+        if not series:
             rotation = solve(eye - skew, eye + skew)
         else:
             # X = (I + S)(I + S^2)...(I + S^(2^(j-1))) = (I - S)^-1 - O(|S|^(2^j)); all factors commute.
             inverse = skew + eye
             power = skew
-            for _ in range(factors - 1):
+            for _ in range(SERIES_FACTORS - 1):
                 power = torch.bmm(power, power)
                 inverse = torch.baddbmm(inverse, inverse, power)  # X (I + P)
             rotation = torch.baddbmm(inverse, skew, inverse)  # (I + S) X
@@ -119,19 +109,19 @@ class _ExactCayley(torch.autograd.Function):
         return 0.5 * (xt @ grad @ xt), None
 
 
-def cayley(skew: torch.Tensor, mode: str = "exact", neumann_terms: int = 5, bound: float | None = None) -> torch.Tensor:
+def cayley(skew: torch.Tensor, mode: str = "exact", neumann_terms: int = 5, series_ok: bool = False) -> torch.Tensor:
     """Batched Cayley transform of skew-symmetric (..., b, b) matrices, computed in float32.
 
     mode: "exact" or "neumann" (k-term series for (I - S)^-1, k = neumann_terms).
-    bound: optional host-side upper bound on every block's |S|_2 (e.g. the largest |S|_F); with it
-    the exact mode uses the matmul-only doubling product when |S| is small (see module doc).
+    series_ok: the caller guarantees |S|_2 <= SERIES_MAX_NORM for every block, so the exact mode
+    may use the matmul-only doubling product (see module doc) instead of a solve.
     Returns float32 (..., b, b) matrices, orthogonal (to float32 precision) in exact mode.
     """
     shape = skew.shape
     skew = skew.float().reshape(-1, shape[-1], shape[-1])  # (batch, b, b): plain bmm, no broadcasting
     if mode == "exact":
         # R = (I - S)^-1 (I + S): the doubling product or one batched solve, no explicit inverse.
-        return _ExactCayley.apply(skew, exact_series_factors(bound)).view(shape)
+        return _ExactCayley.apply(skew, series_ok).view(shape)
     if mode != "neumann":
         raise ValueError(f"unknown Cayley mode {mode!r}; use 'exact' or 'neumann'")
     eye = torch.eye(shape[-1], device=skew.device, dtype=skew.dtype)

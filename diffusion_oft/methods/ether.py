@@ -52,8 +52,8 @@ class _HouseholderMethod(OrthoMethod):
     def block_parameters(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in self._block_names}
 
-    def _basis_and_core(self, vectors: list[torch.Tensor], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(n, b, k) basis and (n, k, k) core with H = I + A M A^T per block, from one side's (n, b) vectors."""
+    def _left_and_right(self, vectors: list[torch.Tensor], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, b, k) U and V with H = I + U V^T per block, from one side's (n, b) vectors."""
         raise NotImplementedError
 
     def build_transforms(
@@ -62,11 +62,11 @@ class _HouseholderMethod(OrthoMethod):
         out = {}
         for side in self.sides(self.config):
             vectors = [params[f"{vec}_{_SIDE_SUFFIX[side]}"] for vec in self.vector_names]
-            basis, core = self._basis_and_core(vectors, scale)
-            keep = self.block_keep_mask((basis.shape[0],), basis.device, dropout)
+            left, right = self._left_and_right(vectors, scale)
+            keep = self.block_keep_mask((left.shape[0],), left.device, dropout)
             if keep is not None:
-                core = core * keep[:, None, None]  # a dropped block becomes I
-            out[side] = LowRankBlockTransform(basis, core)
+                right = right * keep[:, None, None]  # a dropped block becomes I
+            out[side] = LowRankBlockTransform(left, right)
         return out
 
 
@@ -85,11 +85,11 @@ class ETHER(_HouseholderMethod):
         if self.magnitude is not None:
             nn.init.ones_(self.magnitude)
 
-    def _basis_and_core(self, vectors: list[torch.Tensor], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def _left_and_right(self, vectors: list[torch.Tensor], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         # H = I - 2 s u^ u^T: s = 1 is the reflection, s = 0 the identity (orthogonal only at 0 and 1).
         (u,) = vectors
-        basis = _unit(u).unsqueeze(-1)  # (n, b, 1)
-        return basis, torch.full((basis.shape[0], 1, 1), -2.0 * scale, device=basis.device)
+        unit = _unit(u).unsqueeze(-1)  # (n, b, 1)
+        return unit, unit * (-2.0 * scale)
 
 
 @register_method
@@ -115,10 +115,10 @@ class ETHERPlus(_HouseholderMethod):
         if self.magnitude is not None:
             nn.init.ones_(self.magnitude)
 
-    def _basis_and_core(self, vectors: list[torch.Tensor], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        # -u^u^T + v^v^T = -1/2 (q p^T + p q^T) with p = u^ + v^, q = u^ - v^.  At init v = -u, so p = 0
-        # exactly and H+ = I holds bit for bit (no cancellation of two rounded terms).
+    def _left_and_right(self, vectors: list[torch.Tensor], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        # -u^u^T + v^v^T = -1/2 (p q^T + q p^T) = [p, q] [-q/2, -p/2]^T with p = u^ + v^, q = u^ - v^.
+        # At init v = -u, so p = 0 exactly and H+ = I holds bit for bit (no cancellation of two
+        # rounded terms).
         u, v = (_unit(x) for x in vectors)
-        basis = torch.stack([u + v, u - v], dim=-1)  # (n, b, 2)
-        core = torch.tensor([[0.0, -0.5], [-0.5, 0.0]], device=basis.device) * scale
-        return basis, core.expand(basis.shape[0], 2, 2)
+        p, q = u + v, u - v
+        return torch.stack([p, q], dim=-1), torch.stack([q, p], dim=-1) * (-0.5 * scale)  # (n, b, 2) each

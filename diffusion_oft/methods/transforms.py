@@ -196,86 +196,87 @@ class ButterflyTransform(BlockTransform):
 
 
 class LowRankBlockTransform(BlockTransform):
-    """Block-diagonal H = BlockDiag(I + A_i M_i A_i^T) (ETHER, ETHER+; Householder-type).
+    """Block-diagonal H = BlockDiag(I + U_i V_i^T) (ETHER, ETHER+; Householder-type).
 
-    basis: (n, b, k) float32 (the unit vectors u, v of each block as columns),
-    core: (n, k, k).  ETHER: k = 1, core = -2 (a reflection).  ETHER+: k = 2, core = diag(-1, +1).
-    With A = BlockDiag(A_i) (d, n*k) thin, x @ H = x + (x A) M A^T: applying it costs like a
-    rank-(n*k) LoRA, independent of the block size.
+    left U, right V: (n, b, k) float32.  ETHER: k = 1, U = u^, V = -2 u^ (a reflection).  ETHER+:
+    k = 2 (see ``ether``).  With thin block-diagonal U, V (d, n*k), x @ H = x + (x U) V^T: applying
+    it costs like a rank-(n*k) LoRA, independent of the block size.
     """
 
-    def __init__(self, basis: torch.Tensor, core: torch.Tensor):
-        self.basis = basis
-        self.core = core
-        self.dim = basis.shape[0] * basis.shape[1]
+    def __init__(self, left: torch.Tensor, right: torch.Tensor, thin: tuple[torch.Tensor, torch.Tensor] | None = None):
+        self.left = left
+        self.right = right
+        self.dim = left.shape[0] * left.shape[1]
+        self._thin = thin  # (U, V) as thin (d, n*k) float32 matrices, when built ahead (``split``)
 
     @property
     def device(self) -> torch.device:
-        return self.basis.device
+        return self.left.device
 
     def split(self, dims: list[int]) -> list[LowRankBlockTransform]:
-        sizes = [d // self.basis.shape[1] for d in dims]
-        pieces = zip(self.basis.split(sizes), self.core.split(sizes), strict=True)
-        return [LowRankBlockTransform(basis, core) for basis, core in pieces]
+        n, b, k = self.left.shape
+        sizes = [d // b for d in dims]
+        pieces = zip(self.left.split(sizes), self.right.split(sizes), strict=True)
+        if len(set(sizes)) > 1 or sizes[0] * k > 64:
+            return [LowRankBlockTransform(u, v) for u, v in pieces]
+        # Equal block counts (e.g. num_blocks=4 everywhere): every piece's thin U and V at once.
+        both = torch.stack([self.left, self.right]).view(2 * len(sizes), sizes[0], b, k)
+        thin = _block_diagonal(both).view(2, len(sizes), sizes[0] * b, sizes[0] * k)
+        return [LowRankBlockTransform(u, v, (tu, tv)) for (u, v), tu, tv in zip(pieces, thin[0], thin[1], strict=True)]
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.basis, self.core]
+        return [self.left, self.right]
 
     @property
     def fusable(self) -> bool:
         """Few enough columns (n * k) for the thin-matrix form to beat per-block products."""
-        return self.basis.shape[0] * self.basis.shape[2] <= 64
+        return self.left.shape[0] * self.left.shape[2] <= 64
 
-    def thin_basis(self, dtype: torch.dtype) -> torch.Tensor:
-        """A = BlockDiag(A_1..A_n): (d, n*k), mostly zeros but thin (n*k columns)."""
-        return _block_diagonal(self.basis.to(dtype))
-
-    def block_core(self, dtype: torch.dtype, transpose: bool = False) -> torch.Tensor:
-        """BlockDiag(M_1..M_n): (n*k, n*k)."""
-        core = self.core.to(dtype)
-        return _block_diagonal(core.transpose(-1, -2) if transpose else core)
+    def thin(self, dtype: torch.dtype, transpose: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """U = BlockDiag(U_1..U_n) and V likewise: (d, n*k) each, mostly zeros but thin ((V, U) for
+        H^T = I + V U^T when ``transpose``)."""
+        # (Not cached when built here: a checkpointed segment must redo the same ops when recomputed.)
+        thin = self._thin or (_block_diagonal(self.left), _block_diagonal(self.right))
+        u, v = (t.to(dtype) for t in thin)
+        return (v, u) if transpose else (u, v)
 
     def right_mul(self, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
-        n, b, k = self.basis.shape
+        n, b, k = self.left.shape
         if n * k > 64:  # many blocks: per-block products beat a (d, n*k) matrix of zeros
+            u, v = (self.right, self.left) if transpose else (self.left, self.right)  # H^T = I + V U^T
             xb = x.reshape(*x.shape[:-1], n, b)
-            basis = self.basis.to(x.dtype)
-            core = self.core.to(x.dtype)
-            coeff = torch.einsum("...nb,nbk->...nk", xb, basis)
-            coeff = torch.einsum("...nk,nkl->...nl", coeff, core.transpose(-1, -2) if transpose else core)
-            return (xb + torch.einsum("...nl,nbl->...nb", coeff, basis)).reshape(x.shape)
-        # x + (x A) M A^T = x + (x A) (A M^T)^T: two passes over x (one thin matmul, one addmm).
-        a = self.thin_basis(x.dtype)
+            coeff = torch.einsum("...nb,nbk->...nk", xb, u.to(x.dtype))
+            return (xb + torch.einsum("...nk,nbk->...nb", coeff, v.to(x.dtype))).reshape(x.shape)
+        # x + (x U) V^T: two passes over x (one thin matmul, one addmm).
+        u, v = self.thin(x.dtype, transpose)
         x2 = x.reshape(-1, x.shape[-1])
-        am = a @ self.block_core(x.dtype, transpose=not transpose)  # (d, n k): A M^T (or A M)
-        return torch.addmm(x2, x2 @ a, am.t()).view(x.shape)
+        return torch.addmm(x2, x2 @ u, v.t()).view(x.shape)
 
     def linear_after(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        # (x H) W^T = x W^T + (x A) M (W A)^T: the frozen linear plus a LoRA-shaped correction.
+        # (x H) W^T = x W^T + (x U) (W V)^T: the frozen linear plus a LoRA-shaped correction.
         if not (self.fusable and low_rank_on_weight(x, weight)):
             return super().linear_after(x, weight, bias)
         return fused_low_rank_linear(x, weight, bias, self, None)
 
     def inverse(self) -> LowRankBlockTransform:
-        # Woodbury: (I + A M A^T)^-1 = I - A (M^-1 + A^T A)^-1 A^T, a k x k solve per block.
-        basis = self.basis.double()
-        core = self.core.double()
-        gram = basis.transpose(-1, -2) @ basis  # (n, k, k)
-        eye = torch.eye(core.shape[-1], dtype=core.dtype, device=core.device).expand_as(core)
-        inner = torch.linalg.solve(core, eye) + gram
+        # Woodbury: (I + U V^T)^-1 = I - U (I + V^T U)^-1 V^T, a k x k solve per block (float64).
+        left, right = self.left.double(), self.right.double()
+        inner = torch.eye(left.shape[-1], dtype=left.dtype, device=left.device) + right.transpose(-1, -2) @ left
         if bool((torch.linalg.det(inner).abs() < 1e-10).any()):
             raise RuntimeError(
                 "this ETHER+ transform is singular (its u and v became orthogonal), so it cannot be "
                 "inverted exactly; keep a copy of the base weights instead of unmerging"
             )
-        return LowRankBlockTransform(self.basis, -torch.linalg.solve(inner, eye))  # float64 core
+        # -U (I + V^T U)^-1 = -(inner^-T U^T)^T: a solve, no explicit inverse.
+        new_left = -torch.linalg.solve(inner.transpose(-1, -2), left.transpose(-1, -2)).transpose(-1, -2)
+        return LowRankBlockTransform(new_left, right)  # float64
 
 
 def _block_diagonal(blocks: torch.Tensor) -> torch.Tensor:
-    """(n, p, q) blocks -> the (n*p, n*q) block-diagonal matrix, in one broadcast multiply."""
-    n, p, q = blocks.shape
+    """(..., n, p, q) blocks -> the (..., n*p, n*q) block-diagonal matrices, in one broadcast multiply."""
+    *lead, n, p, q = blocks.shape
     eye = torch.eye(n, dtype=blocks.dtype, device=blocks.device)
-    return (blocks[:, :, None, :] * eye[:, None, :, None]).reshape(n * p, n * q)
+    return (blocks[..., :, :, None, :] * eye[:, None, :, None]).reshape(*lead, n * p, n * q)
 
 
 def low_rank_on_weight(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -301,34 +302,32 @@ def fused_low_rank_linear(
     t_in: LowRankBlockTransform | None,
     t_out: LowRankBlockTransform | None,
 ) -> torch.Tensor:
-    """y = x (H_out W H_in^T)^T + bias for low-rank transforms on one or both sides, as a LoRA:
-    y = x W^T + b + (x L) R^T with a thin L (d_in, r) and R (d_out, r) made from the weight.
+    """y = x (H_out W H_in)^T + bias for low-rank transforms on one or both sides, as a LoRA:
+    y = x W^T + b + (x L) R^T with thin L (d_in, r) and R (d_out, r) made from the weight.
 
-    With H_in = I + A M A^T, H_out = I + B N B^T, P = W A, Q = W^T B and G = P^T B:
-        y = x W^T + b + (x A) M P^T + (x Q) N^T B^T + (x A) M G N^T B^T,
-    so L = [A, Q] and R = [P M^T + B (M G N^T)^T, B N].  The activations see two passes (x L and one
-    addmm into y) forward, like a LoRA of rank r; everything else is weight-sized.
+    With H_in = I + U V^T and H_out^T = I + V' U'^T (y -> y H_out^T on the output):
+        y = x W^T + b + (x U)(W V)^T + (x W^T V') U'^T + (x U)(V^T W^T V') U'^T,
+    so L = [U, W^T V'] and R = [W V + U' G^T, U'] with G = V^T W^T V'.  The activations see two
+    passes (x L, then one addmm into y) forward, as with a LoRA of rank r; the rest is weight-sized.
     """
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     dtype = x2.dtype
     left, right = [], []
     if t_in is not None:
-        a = t_in.thin_basis(dtype)  # (d_in, r1)
-        m = t_in.block_core(dtype)  # (r1, r1)
-        p = weight @ a  # (d_out, r1)
-        right_a = p @ m.t()
-        left.append(a)
+        u, v = t_in.thin(dtype)  # (d_in, r1) each
+        left.append(u)
+        right_u = weight @ v  # (d_out, r1)
     if t_out is not None:
-        b = t_out.thin_basis(dtype)  # (d_out, r2)
-        n = t_out.block_core(dtype)  # (r2, r2)
-        left.append(weight.t() @ b)  # Q: (d_in, r2)
+        u_out, v_out = t_out.thin(dtype)  # (d_out, r2) each
+        wt_v = weight.t() @ v_out  # (d_in, r2)
+        left.append(wt_v)
         if t_in is not None:
-            right_a = right_a + b @ (m @ (p.t() @ b) @ n.t()).t()
+            right_u = right_u + u_out @ (v.t() @ wt_v).t()  # + U' G^T
     if t_in is not None:
-        right.append(right_a)
+        right.append(right_u)
     if t_out is not None:
-        right.append(b @ n)
+        right.append(u_out)
     thin_left = torch.cat(left, dim=1) if len(left) > 1 else left[0]
     thin_right = torch.cat(right, dim=1) if len(right) > 1 else right[0]
     y = F.linear(x2, weight, bias)
