@@ -70,11 +70,12 @@ class TransformBatch:
     def _build(self, scale: float, dropout: bool) -> None:
         first = self.members[0]
         member_keys = [m.own_key() for m in self.members]
-        names = list(first.block_parameters())
+        member_params = [m.block_parameters() for m in self.members]
+        names = list(member_params[0])
         # Identity saved-tensor hooks hide the build from an enclosing non-reentrant checkpoint: its
         # recomputation reuses this build and must see the same saved tensors as the first forward.
         with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
-            params = {name: torch.cat([m.block_parameters()[name] for m in self.members], dim=-2) for name in names}
+            params = {name: torch.cat([own[name] for own in member_params], dim=-2) for name in names}
             built = first.build_transforms(params, tuple(member_keys), scale, dropout)
         per_member: list[dict[str, BlockTransform]] = [{} for _ in self.members]
         for side, transform in built.items():

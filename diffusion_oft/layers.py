@@ -15,6 +15,8 @@ How the transform is applied (the cost rule, per call; T = tokens, c = cost of o
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -134,7 +136,8 @@ class OrthoLinear(nn.Module):
         # other layers when it can (one batched build per step, see ``diffusion_oft.batching``).
         device_type = method_device(method).type
         batch = getattr(method, "transform_batch", None)
-        with torch.autocast(device_type=device_type, enabled=False):
+        autocast = torch.is_autocast_enabled(device_type)
+        with torch.autocast(device_type=device_type, enabled=False) if autocast else contextlib.nullcontext():
             transforms = batch and batch.transforms_of(method, self._scale(name), dropout)
             if transforms is None:
                 transforms = method.transforms(self._scale(name), dropout=dropout)

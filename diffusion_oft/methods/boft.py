@@ -84,7 +84,7 @@ class BOFT(OrthoMethod):
         return skew_from_triu(vec * scale if scale != 1.0 else vec, self.block_size)
 
     def block_parameters(self) -> dict[str, torch.Tensor]:
-        return {"skew": self.skew}
+        return {"skew": self._parameters["skew"]}
 
     def build_transforms(
         self, params: dict[str, torch.Tensor], key: tuple, scale: float = 1.0, dropout: bool = False

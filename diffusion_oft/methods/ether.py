@@ -50,7 +50,7 @@ class _HouseholderMethod(OrthoMethod):
         return [getattr(self, f"{vec}_{_SIDE_SUFFIX[side]}") for vec in self.vector_names]
 
     def block_parameters(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, name) for name in self._block_names}
+        return {name: self._parameters[name] for name in self._block_names}
 
     def _left_and_right(self, vectors: list[torch.Tensor], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(n, b, k) U and V with H = I + U V^T per block, from one side's (n, b) vectors."""
