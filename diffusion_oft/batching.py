@@ -39,6 +39,14 @@ class TransformBatch:
         self._built: list[dict[str, BlockTransform]] | None = None
         self._consumed = True
 
+    def __getstate__(self) -> dict:
+        # Copies and pickles (copy.deepcopy(model), torch.save(model)) carry the members, not a build
+        # (its tensors belong to the original's autograd graph); member ids are re-read after a copy.
+        return {"members": self.members}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["members"])
+
     @staticmethod
     def group_key(method: OrthoMethod) -> tuple:
         """Methods with equal keys can be built together (same class, config and block shapes)."""

@@ -163,3 +163,14 @@ def test_blocks_outside_the_fast_range_fall_back_alone_and_identically(mode, mon
     torch.testing.assert_close(own, expected, atol=2e-6, rtol=0)
     eye = torch.eye(own.shape[-1])
     torch.testing.assert_close(own[1] @ own[1].T, eye, atol=1e-5, rtol=0)  # the large block is orthogonal
+
+
+def test_model_copies_mid_step_and_keep_batching(unet_inputs, monkeypatch):
+    unet, _ = adapted_pair(CONFIGS["oft"])
+    loss_of(unet, unet_inputs)  # a build is held (no backward yet)
+    twin = copy.deepcopy(unet)  # e.g. an EMA copy: must not try to copy the build's graph
+    builds = count_builds(monkeypatch)
+    loss_of(twin, unet_inputs).backward()
+    assert len(builds) == 1  # the copy batches its own layers
+    expected = loss_of(unet, unet_inputs)
+    torch.testing.assert_close(loss_of(twin, unet_inputs), expected, rtol=1e-6, atol=0)
