@@ -483,7 +483,7 @@ def main() -> None:
     parser.add_argument(
         "--projections",
         action="store_true",
-        help="also time the adapted projections alone (fwd + bwd of each SD shape, weighted by count): adapter vs PEFT",
+        help="also time the adapted projections alone (fwd + bwd of a stack of every UNet projection)",
     )
     parser.add_argument("--projections-only", action="store_true", help="only the --projections table (fast)")
     parser.add_argument(

@@ -98,13 +98,17 @@ def rotate_weight_first(x: torch.Tensor, weight: torch.Tensor) -> bool:
     on the frozen weight when it has fewer rows than x has tokens (d_out < tokens: self-attention
     and to_q/to_out on image tokens), else on the activations (cross-attention K/V see only the
     77 text tokens).  Both avoid any weight gradient; only the forward product differs."""
-    tokens = x.numel() // max(1, x.shape[-1])
-    return (
-        weight.shape[0] < tokens
-        and not weight.requires_grad
-        and x.dtype == weight.dtype
-        and not torch.is_autocast_enabled(x.device.type)
-    )
+    return weight.shape[0] < _tokens(x) and _weight_side_possible(x, weight)
+
+
+def _tokens(x: torch.Tensor) -> int:
+    return x.numel() // max(1, x.shape[-1])
+
+
+def _weight_side_possible(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """A transform may be folded into the weight in training: W is frozen (no weight gradient to
+    route), and x and W share a dtype outside autocast (the folded product is then plain F.linear)."""
+    return not weight.requires_grad and x.dtype == weight.dtype and not torch.is_autocast_enabled(x.device.type)
 
 
 def butterfly_shuffle(x: torch.Tensor, level: int, block_size: int, inverse: bool = False) -> torch.Tensor:
@@ -281,18 +285,12 @@ def _block_diagonal(blocks: torch.Tensor) -> torch.Tensor:
 
 def low_rank_on_weight(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Where a low-rank (Householder-type) transform goes in training: fused with the frozen weight
-    (P = W A: d_out * d_in * k, in the forward and again in the backward) or on the activations
-    (x + (x A) M A^T: tokens * d_in * k, no extra pass over W).  The weight side wins when W has
+    (W V: d_out * d_in * k, in the forward and again in the backward) or on the activations
+    (x + (x U) V^T: tokens * d_in * k, no extra pass over W).  The weight side wins when W has
     fewer rows than x has tokens, and also when x needs no gradient (text K/V inputs): the
     activation side would then add the full g @ W product (tokens * d_out * d_in) to the backward
-    just to reach A, which the weight side gets from W^T dP (d_out * d_in * k)."""
-    tokens = x.numel() // max(1, x.shape[-1])
-    return (
-        (weight.shape[0] < tokens or not x.requires_grad)
-        and not weight.requires_grad
-        and x.dtype == weight.dtype
-        and not torch.is_autocast_enabled(x.device.type)
-    )
+    just to reach V, which the weight side gets from W^T dP (d_out * d_in * k)."""
+    return (weight.shape[0] < _tokens(x) or not x.requires_grad) and _weight_side_possible(x, weight)
 
 
 def fused_low_rank_linear(
