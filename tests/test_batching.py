@@ -143,7 +143,8 @@ def test_not_used_without_grad_or_when_frozen(unet_inputs, monkeypatch):
 @pytest.mark.parametrize("mode", ["exact", "neumann"])
 def test_blocks_outside_the_fast_range_fall_back_alone_and_identically(mode, monkeypatch):
     """A few large blocks (exact: |S|_F > 0.5, the doubling product's range; Neumann: |S|_2 >= 1) take
-    the exact solve on their own; every block's result is the same whichever batch it is built in."""
+    the exact solve on their own, whichever batch they are built in; the others agree to float32
+    rounding (the doubling product's length follows the largest block of the batch)."""
     from diffusion_oft.methods import boft
     from diffusion_oft.methods.cayley import cayley
 
@@ -156,7 +157,7 @@ def test_blocks_outside_the_fast_range_fall_back_alone_and_identically(mode, mon
     with torch.enable_grad():
         grouped = batch.transforms_of(method, 1.0, False)["input"].blocks[0]
     own = method.transforms()["input"].blocks[0]
-    assert torch.equal(grouped, own)
+    torch.testing.assert_close(grouped, own, atol=1e-7, rtol=0)
     assert method._neumann_check[1] is False  # (the last plan: one block outside)
     skew = method.skew_matrices()[0]  # (n, b, b)
     expected = torch.stack([cayley(s[None], "exact" if i == 1 else mode)[0] for i, s in enumerate(skew)])

@@ -248,3 +248,27 @@ def test_exact_cayley_by_the_doubling_product_matches_the_solve():
         torch.testing.assert_close(product @ product.mT, eye, atol=1e-6, rtol=0)
     zero = torch.zeros(3, 4, 4)
     assert torch.equal(cayley(zero, "exact", series_ok=True), torch.eye(4).expand(3, 4, 4))
+
+
+@pytest.mark.parametrize("norm", [0.0, 1e-4, 1e-2, 0.1, 0.3, 0.5])
+def test_shorter_doubling_products_for_small_generators_match_the_solve(norm):
+    """The product's length follows the largest |S|_F (fewer matmuls for small S); values and
+    gradients agree with a float64 solve whatever the length."""
+    from diffusion_oft.methods.cayley import series_factors
+
+    torch.manual_seed(1)
+    s = skew_from_triu(torch.randn(16, 32 * 31 // 2), 32)
+    s = s * (norm / torch.linalg.matrix_norm(s).amax().clamp_min(1e-30))  # largest |S|_F = norm
+    factors = series_factors(norm)
+    assert factors == {0.0: 0, 1e-4: 1, 1e-2: 2, 0.1: 3, 0.3: 4, 0.5: 5}[norm]
+    leaf = s.clone().requires_grad_()
+    product = cayley(leaf, "exact", series_ok=True, factors=factors)
+    ref_leaf = s.double().requires_grad_()
+    solved = torch.linalg.solve(torch.eye(32, dtype=torch.float64) - ref_leaf, torch.eye(32) + ref_leaf)
+    torch.testing.assert_close(product, solved.float(), atol=1e-6, rtol=0)
+    grad = torch.randn(16, 32, 32)
+    product.backward(grad)
+    solved.backward(grad.double())
+    torch.testing.assert_close(leaf.grad, ref_leaf.grad.float(), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="doubling product"):
+        series_factors(0.6)

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..config import AdapterConfig
 from .base import OrthoMethod, block_structure, register_method
-from .cayley import SERIES_MAX_NORM, cayley, num_skew_params, skew_from_triu
+from .cayley import SERIES_MAX_NORM, cayley, num_skew_params, series_factors, skew_from_triu
 from .transforms import BlockTransform, ButterflyTransform
 
 # The Neumann series for (I - S)^-1 converges for |S|_2 < 1 (S is normal: |S|_2 is its spectral radius).
@@ -91,9 +91,10 @@ class BOFT(OrthoMethod):
     ) -> dict[str, BlockTransform]:
         cfg = self.config
         skew = self.skew_matrices(scale, params["skew"])  # (m, n, b, b)
-        mode, fallback = self._cayley_plan(skew, scale, key)
+        mode, fallback, factors = self._cayley_plan(skew, scale, key)
         flat = skew.flatten(0, 1)
-        blocks = cayley(flat, "exact" if mode == "series" else mode, cfg.neumann_terms, series_ok=mode == "series")
+        series = mode == "series"
+        blocks = cayley(flat, "exact" if series else mode, cfg.neumann_terms, series_ok=series, factors=factors)
         if fallback is not None:  # the few blocks outside the fast path's range: exact solve
             blocks = blocks.index_copy(0, fallback, cayley(flat.index_select(0, fallback), "exact"))
         blocks = blocks.view(skew.shape)
@@ -111,11 +112,13 @@ class BOFT(OrthoMethod):
             rotation = rotation.collapsed()
         return {cfg.side: rotation}
 
-    def _cayley_plan(self, skew: torch.Tensor, scale: float, key: tuple) -> tuple[str, torch.Tensor | None]:
+    def _cayley_plan(self, skew: torch.Tensor, scale: float, key: tuple) -> tuple[str, torch.Tensor | None, int | None]:
         """How to build the rotations: a mode for all blocks ("series": the exact transform by the
-        matmul-only product, "neumann", or "exact": solve) and the indices (into the flattened blocks)
-        of those that need the exact solve instead, or None.  Decided per block, so a block's result
-        does not depend on the other blocks built with it (one layer or a batch of layers).
+        matmul-only product, "neumann", or "exact": solve), the indices (into the flattened blocks)
+        of those that need the exact solve instead, or None, and the product's number of factors.
+        The mode is decided per block, so which blocks are solved does not depend on the other blocks
+        built with it (one layer or a batch of layers); the product's length follows the largest block
+        (``cayley.series_factors``: results agree to float32 rounding whatever that length).
 
         Exact mode: the product when |S|_F <= SERIES_MAX_NORM.  Neumann mode: the series when
         |S|_2 < 1 (cheap |S|_F first, |S|_2 only where that fails), else exact, warned once.
@@ -128,11 +131,11 @@ class BOFT(OrthoMethod):
         cached = getattr(self, "_neumann_check", None)
         if torch.compiler.is_compiling():
             if not neumann:
-                return "exact", None
-            return ("neumann" if cached is None or cached[1] else "exact"), None  # the last answer, no sync
+                return "exact", None, None
+            return ("neumann" if cached is None or cached[1] else "exact"), None, None  # the last answer, no sync
         full_key = (key, scale)
         if cached is not None and cached[0] == full_key:
-            return cached[2], cached[3]
+            return cached[2], cached[3], cached[4]
         with torch.no_grad():
             flat = skew.detach().flatten(0, -3)
             frobenius = flat.flatten(-2).norm(dim=-1)
@@ -145,17 +148,20 @@ class BOFT(OrthoMethod):
                 norm_2 = float(spectral.max())
                 outside = torch.zeros_like(outside)
                 outside[candidates[spectral >= NEUMANN_LIMIT]] = True
-            n_outside = int(outside.sum())
+            # One host sync for both: how many blocks are outside, and the largest |S|_F inside.
+            n_outside, inside_max = torch.stack([outside.sum(), frobenius.masked_fill(outside, 0.0).max()]).tolist()
+            n_outside = int(n_outside)
         mode = "neumann" if neumann else "series"
         fallback = None
         if n_outside == flat.shape[0] and n_outside:
             mode = "exact"
         elif n_outside:
             fallback = outside.nonzero().flatten()
-        self._neumann_check = (full_key, n_outside == 0, mode, fallback)
+        factors = series_factors(inside_max) if mode == "series" else None
+        self._neumann_check = (full_key, n_outside == 0, mode, fallback, factors)
         if neumann and n_outside:
             _warn_neumann_fallback(norm_2)
-        return mode, fallback
+        return mode, fallback, factors
 
     @torch.no_grad()
     def constrain_(self) -> None:

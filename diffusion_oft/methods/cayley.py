@@ -5,15 +5,20 @@ Sign convention (used everywhere in diffusion-oft):
     R = Cayley(S) = (I + S)(I - S)^-1 = (I - S)^-1 (I + S)        S = -S^T
 
 so that R ~ I + 2S for small S.  The exact mode computes (I - S)^-1 to float32 precision:
-  * by the doubling product (I - S)^-1 = (I + S)(I + S^2)(I + S^4)(I + S^8)(I + S^16) (+ a
-    remainder of order |S|^32): 9 batched matmuls, no LAPACK call, valid when every block has
-    |S|_2 <= SERIES_MAX_NORM (0.5: remainder <= 2e-10).  Callers that know this (``series_ok``;
-    the methods check |S|_F once per parameter change) get it;
+  * by the doubling product X_j = (I + S)(I + S^2)(I + S^4)...(I + S^(2^(j-1))) = (I - S)^-1 (I - S^(2^j)):
+    no LAPACK call, 2j - 1 batched matmuls for R.  For skew-symmetric S, |(I - S)^-1|_2 <= 1, so
+    |X_j - (I - S)^-1|_2 <= |S|_2^(2^j): ``series_factors`` picks the smallest j that puts this
+    below 2^-26 (under float32 rounding) for the largest block, from |S|_2 <= |S|_F / sqrt(2).
+    Up to SERIES_FACTORS = 5 factors (9 matmuls) for |S|_F <= SERIES_MAX_NORM = 0.5; small
+    generators need fewer (|S|_F = 0.1: 3 factors; S = 0, the initialisation: none, R = I + S).
+    Callers that know the norms (``series_ok``; the methods check |S|_F once per parameter change)
+    get it;
   * otherwise by ``torch.linalg.solve`` (large blocks one per call on CPU: see ``linalg``).
 On CPU a batched LU pays ~15 us per matrix however small, so the product is several times faster
-for the 8x8 / 32x32 blocks of BOFT / OFT.  Its length is fixed, so a block's result never depends
-on which other blocks are in the batch.  The Neumann mode (OFTv2) replaces (I - S)^-1 by the
-truncated series I + S + S^2 + ... + S^k; both modes agree up to its error, O(|S|^(k+1)).
+for the 8x8 / 32x32 blocks of BOFT / OFT.  Its length depends on the largest block built with it,
+so a block's result may differ with its batch, by less than float32 rounding.  The Neumann mode
+(OFTv2) replaces (I - S)^-1 by the truncated series I + S + S^2 + ... + S^k; both modes agree up
+to its error, O(|S|^(k+1)).
 """
 
 from __future__ import annotations
@@ -24,12 +29,25 @@ import torch
 
 from .linalg import solve
 
-__all__ = ["num_skew_params", "skew_from_triu", "triu_from_skew", "cayley", "SERIES_MAX_NORM"]
+__all__ = ["num_skew_params", "skew_from_triu", "triu_from_skew", "cayley", "series_factors", "SERIES_MAX_NORM"]
 
-# The doubling product is used for |S|_2 <= SERIES_MAX_NORM: SERIES_FACTORS factors leave a remainder
-# |S|^(2^SERIES_FACTORS) <= 0.5^32 = 2.3e-10, below float32 rounding.
+# The doubling product is used for |S|_F <= SERIES_MAX_NORM (|S|_2 <= 0.354): SERIES_FACTORS factors
+# leave a remainder |S|_2^(2^SERIES_FACTORS) <= 4e-15, below float32 rounding.
 SERIES_MAX_NORM = 0.5
 SERIES_FACTORS = 5
+SERIES_TOLERANCE = 2.0**-26  # bound on |X_j - (I - S)^-1|_2
+
+
+def series_factors(max_frobenius: float) -> int:
+    """Doubling factors j for blocks with |S|_F <= max_frobenius (<= SERIES_MAX_NORM): the smallest j
+    with (|S|_F / sqrt(2))^(2^j) <= SERIES_TOLERANCE (0 when S = 0)."""
+    if max_frobenius > SERIES_MAX_NORM:
+        raise ValueError(f"the doubling product needs |S|_F <= {SERIES_MAX_NORM}, got {max_frobenius:.3g}")
+    norm_2 = max_frobenius / math.sqrt(2.0)
+    factors = 0
+    while norm_2 ** (2**factors) > SERIES_TOLERANCE:
+        factors += 1
+    return factors
 
 
 def num_skew_params(block_size: int) -> int:
@@ -79,49 +97,64 @@ def triu_from_skew(skew: torch.Tensor) -> torch.Tensor:
 
 
 class _ExactCayley(torch.autograd.Function):
-    """R = (I - S)^-1 (I + S) by the doubling product (``series``) or one batched solve; the
-    backward needs neither.
+    """R = (I + S) X with X = (I - S)^-1, by the doubling product X_j (``factors`` = j) or, for
+    ``factors`` None, one batched solve; the backward needs neither.
 
-    With X = (I - S)^-1 = (R + I) / 2:  dR = 2 X dS X,  so  dL/dS = 2 X^T G X^T = 1/2 (R + I)^T G (R + I)^T,
-    two batched matmuls (autograd through ``linalg.solve`` would run another LU solve).
+    dR = 2 X dS X (as I + R = 2X),  so  dL/dS = 2 X^T G X^T: two batched matmuls (autograd through
+    ``linalg.solve`` would run another LU solve); with X = I (j = 0), 2 G.
     """
 
     @staticmethod
-    def forward(ctx, skew: torch.Tensor, series: bool) -> torch.Tensor:
+    def forward(ctx, skew: torch.Tensor, factors: int | None) -> torch.Tensor:
         eye = torch.eye(skew.shape[-1], device=skew.device, dtype=skew.dtype)
-        if not series:
+        if factors is None:
             rotation = solve(eye - skew, eye + skew)
+            inverse = 0.5 * (rotation + eye)
+        elif factors == 0:  # |S| under float32 rounding (S = 0 at init): X = I
+            rotation, inverse = skew + eye, None
         else:
-            # X = (I + S)(I + S^2)...(I + S^(2^(j-1))) = (I - S)^-1 - O(|S|^(2^j)); all factors commute.
+            # X_j = (I + S)(I + S^2)...(I + S^(2^(j-1))); all factors commute.
             inverse = skew + eye
             power = skew
-            for _ in range(SERIES_FACTORS - 1):
+            for _ in range(factors - 1):
                 power = torch.bmm(power, power)
-                inverse = torch.baddbmm(inverse, inverse, power)  # X (I + P)
-            rotation = torch.baddbmm(inverse, skew, inverse)  # (I + S) X
-        ctx.save_for_backward(rotation)
+                inverse = torch.bmm(inverse, power).add_(inverse)  # X (I + P)
+            rotation = torch.bmm(skew, inverse).add_(inverse)  # (I + S) X
+        ctx.save_for_backward(inverse)
+        ctx.identity = inverse is None
         return rotation
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        (rotation,) = ctx.saved_tensors
-        xt = rotation.mT + torch.eye(rotation.shape[-1], device=rotation.device, dtype=rotation.dtype)
-        return 0.5 * (xt @ grad @ xt), None
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        if ctx.identity:
+            return 2.0 * grad, None
+        (inverse,) = ctx.saved_tensors
+        xt = inverse.mT  # a transposed view: bmm reads it without a copy
+        return torch.bmm(torch.bmm(xt, grad), xt).mul_(2.0), None
 
 
-def cayley(skew: torch.Tensor, mode: str = "exact", neumann_terms: int = 5, series_ok: bool = False) -> torch.Tensor:
+def cayley(
+    skew: torch.Tensor,
+    mode: str = "exact",
+    neumann_terms: int = 5,
+    series_ok: bool = False,
+    factors: int | None = None,
+) -> torch.Tensor:
     """Batched Cayley transform of skew-symmetric (..., b, b) matrices, computed in float32.
 
     mode: "exact" or "neumann" (k-term series for (I - S)^-1, k = neumann_terms).
-    series_ok: the caller guarantees |S|_2 <= SERIES_MAX_NORM for every block, so the exact mode
-    may use the matmul-only doubling product (see module doc) instead of a solve.
+    series_ok: the caller guarantees |S|_F <= SERIES_MAX_NORM for every block, so the exact mode
+    may use the matmul-only doubling product (see module doc) instead of a solve; ``factors``: its
+    length, from ``series_factors`` of the largest |S|_F (default: SERIES_FACTORS, any such S).
     Returns float32 (..., b, b) matrices, orthogonal (to float32 precision) in exact mode.
     """
     shape = skew.shape
     skew = skew.float().reshape(-1, shape[-1], shape[-1])  # (batch, b, b): plain bmm, no broadcasting
     if mode == "exact":
         # R = (I - S)^-1 (I + S): the doubling product or one batched solve, no explicit inverse.
-        return _ExactCayley.apply(skew, series_ok).view(shape)
+        if series_ok and factors is None:
+            factors = SERIES_FACTORS
+        return _ExactCayley.apply(skew, factors if series_ok else None).view(shape)
     if mode != "neumann":
         raise ValueError(f"unknown Cayley mode {mode!r}; use 'exact' or 'neumann'")
     eye = torch.eye(shape[-1], device=skew.device, dtype=skew.dtype)
