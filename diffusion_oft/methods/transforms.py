@@ -277,10 +277,12 @@ class LowRankBlockTransform(BlockTransform):
 
 
 def _block_diagonal(blocks: torch.Tensor) -> torch.Tensor:
-    """(..., n, p, q) blocks -> the (..., n*p, n*q) block-diagonal matrices, in one broadcast multiply."""
+    """(..., n, p, q) blocks -> the (..., n*p, n*q) block-diagonal matrices: zeros with the blocks
+    copied onto their diagonal view (the backward reads that view back; no broadcast products)."""
     *lead, n, p, q = blocks.shape
-    eye = torch.eye(n, dtype=blocks.dtype, device=blocks.device)
-    return (blocks[..., :, :, None, :] * eye[:, None, :, None]).reshape(*lead, n * p, n * q)
+    out = blocks.new_zeros(*lead, n, p, n, q)
+    out.diagonal(dim1=-4, dim2=-2).copy_(blocks.movedim(-3, -1))  # diagonal view: (..., p, q, n)
+    return out.view(*lead, n * p, n * q)
 
 
 def low_rank_on_weight(x: torch.Tensor, weight: torch.Tensor) -> bool:
