@@ -107,29 +107,32 @@ class _ExactCayley(torch.autograd.Function):
     @staticmethod
     def forward(ctx, skew: torch.Tensor, factors: int | None) -> torch.Tensor:
         eye = torch.eye(skew.shape[-1], device=skew.device, dtype=skew.dtype)
+        ctx.kind = "solve" if factors is None else "identity" if factors == 0 else "product"
         if factors is None:
             rotation = solve(eye - skew, eye + skew)
-            inverse = 0.5 * (rotation + eye)
-        elif factors == 0:  # |S| under float32 rounding (S = 0 at init): X = I
-            rotation, inverse = skew + eye, None
-        else:
-            # X_j = (I + S)(I + S^2)...(I + S^(2^(j-1))); all factors commute.
-            inverse = skew + eye
-            power = skew
-            for _ in range(factors - 1):
-                power = torch.bmm(power, power)
-                inverse = torch.bmm(inverse, power).add_(inverse)  # X (I + P)
-            rotation = torch.bmm(skew, inverse).add_(inverse)  # (I + S) X
+            ctx.save_for_backward(rotation)  # X = (R + I) / 2, formed in the backward only
+            return rotation
+        if factors == 0:  # |S| under float32 rounding (S = 0 at init): X = I
+            return skew + eye
+        # X_j = (I + S)(I + S^2)...(I + S^(2^(j-1))); all factors commute.
+        inverse = skew + eye
+        power = skew
+        for _ in range(factors - 1):
+            power = torch.bmm(power, power)
+            inverse = torch.bmm(inverse, power).add_(inverse)  # X (I + P)
+        rotation = torch.bmm(skew, inverse).add_(inverse)  # (I + S) X
         ctx.save_for_backward(inverse)
-        ctx.identity = inverse is None
         return rotation
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        if ctx.identity:
+        if ctx.kind == "identity":
             return 2.0 * grad, None
-        (inverse,) = ctx.saved_tensors
-        xt = inverse.mT  # a transposed view: bmm reads it without a copy
+        (saved,) = ctx.saved_tensors
+        if ctx.kind == "solve":
+            eye = torch.eye(saved.shape[-1], device=saved.device, dtype=saved.dtype)
+            saved = 0.5 * (saved + eye)  # X from R
+        xt = saved.mT  # a transposed view: bmm reads it without a copy
         return torch.bmm(torch.bmm(xt, grad), xt).mul_(2.0), None
 
 
@@ -152,9 +155,8 @@ def cayley(
     skew = skew.float().reshape(-1, shape[-1], shape[-1])  # (batch, b, b): plain bmm, no broadcasting
     if mode == "exact":
         # R = (I - S)^-1 (I + S): the doubling product or one batched solve, no explicit inverse.
-        if series_ok and factors is None:
-            factors = SERIES_FACTORS
-        return _ExactCayley.apply(skew, factors if series_ok else None).view(shape)
+        length = (SERIES_FACTORS if factors is None else factors) if series_ok else None  # None: solve
+        return _ExactCayley.apply(skew, length).view(shape)
     if mode != "neumann":
         raise ValueError(f"unknown Cayley mode {mode!r}; use 'exact' or 'neumann'")
     eye = torch.eye(shape[-1], device=skew.device, dtype=skew.dtype)
