@@ -272,3 +272,76 @@ def test_shorter_doubling_products_for_small_generators_match_the_solve(norm):
     torch.testing.assert_close(leaf.grad, ref_leaf.grad.float(), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="doubling product"):
         series_factors(0.6)
+
+
+@pytest.mark.parametrize("with_weight", [True, False], ids=["linear", "identity"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+def test_thin_update_nodes_have_the_gradients_of_plain_autograd(with_weight, with_bias):
+    """The hand-written thin-update nodes (in-place update, transposed thin gradients) against
+    numerical gradients in float64."""
+    from diffusion_oft.methods.transforms import _FrozenThinProduct, thin_update_linear
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 12, dtype=torch.float64, generator=g, requires_grad=True)
+    weight = torch.randn(7, 12, dtype=torch.float64, generator=g) if with_weight else None
+    d_out = 7 if with_weight else 12
+    bias = torch.randn(d_out, dtype=torch.float64, generator=g, requires_grad=True) if with_bias else None
+    left = torch.randn(12, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    right = torch.randn(d_out, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    out = thin_update_linear(x, weight, bias, left, right)
+    plain = x if weight is None else x @ weight.T
+    reference = plain + (x @ left) @ right.T + (0 if bias is None else bias)
+    torch.testing.assert_close(out, reference, rtol=1e-12, atol=1e-12)
+    inputs = [t for t in (x, bias, left, right) if t is not None]
+    assert torch.autograd.gradcheck(lambda *a: thin_update_linear(*_rebuild(a, weight, bias)), inputs)
+    frozen = torch.randn(9, 12, dtype=torch.float64, generator=g)
+    thin = torch.randn(9, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v: _FrozenThinProduct.apply(frozen.t(), v), (thin,))  # W^T V
+    assert torch.autograd.gradcheck(lambda v: _FrozenThinProduct.apply(frozen, v), (left,))  # W V
+
+
+def _rebuild(args, weight, bias):
+    x, *rest = args
+    b = rest.pop(0) if bias is not None else None
+    return x, weight, b, rest[0], rest[1]
+
+
+def _dense_ether_plus(method, side: str) -> torch.Tensor:
+    """BlockDiag(I - u^u^T + v^v^T) from a method's (n, b) vectors, differentiably (float64)."""
+    u, v = (getattr(method, f"{name}_{side}").double() for name in ("u", "v"))
+    u, v = u / u.norm(dim=-1, keepdim=True), v / v.norm(dim=-1, keepdim=True)
+    blocks = torch.eye(u.shape[-1], dtype=torch.float64) - u[:, :, None] * u[:, None] + v[:, :, None] * v[:, None]
+    return torch.block_diag(*blocks)
+
+
+@pytest.mark.parametrize(
+    "tokens,x_grad",
+    [(4, False), (40, False), (40, True), (4, True)],
+    ids=["text-kv:output-on-y", "fused-both-sides", "fused-image-tokens", "activations"],
+)
+def test_ether_plus_routes_match_the_dense_reference_with_gradients(tokens, x_grad):
+    """Every route ETHER+ takes in training (both sides folded into the thin matrices, the output side
+    on y for few tokens without input gradient, both on the activations) has the value and the
+    gradients of x (H_out W H_in)^T + b computed with dense matrices."""
+    from diffusion_oft.methods.transforms import low_rank_on_weight, output_side_on_activations
+
+    torch.manual_seed(0)
+    cfg = AdapterConfig(method="ether_plus", num_blocks=2, init="random")
+    linear = nn.Linear(16, 24)
+    layer = OrthoLinear(linear.requires_grad_(False))
+    method = get_method_class("ether_plus")(16, 24, cfg)
+    layer.add_adapter("a", method)
+    x = torch.randn(2, tokens // 2, 16, requires_grad=x_grad)
+    route = (low_rank_on_weight(x, linear.weight), output_side_on_activations(x, linear.weight))
+    assert route == {(4, False): (True, True), (40, False): (True, False),
+                     (40, True): (True, False), (4, True): (False, True)}[(tokens, x_grad)]
+    upstream = torch.randn(2, tokens // 2, 24)
+    out = layer(x)
+    params = [method.u_in, method.v_in, method.u_out, method.v_out]
+    grads = torch.autograd.grad(out, params + ([x] if x_grad else []), upstream)
+    weight = _dense_ether_plus(method, "out") @ linear.weight.double() @ _dense_ether_plus(method, "in")
+    ref = x.double() @ weight.T + linear.bias.double()
+    ref_grads = torch.autograd.grad(ref, params + ([x] if x_grad else []), upstream.double())
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    for fast, slow in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(fast.double(), slow.double(), atol=1e-4, rtol=1e-4)
