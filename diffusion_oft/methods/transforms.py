@@ -391,8 +391,8 @@ def fused_low_rank_linear(
     """
     if t_out is not None and output_side_on_activations(x, weight):
         y = F.linear(x, weight) if t_in is None else fused_low_rank_linear(x, weight, None, t_in, None)
-        y = t_out.right_mul(y, transpose=True)  # y H_out^T
-        return y if bias is None else y + bias
+        v_out, u_out = t_out.thin(x.dtype, transpose=True)  # H_out^T = I + V' U'^T
+        return thin_update_linear(y, None, bias, v_out, u_out)  # y H_out^T + bias, the bias in the same pass
     dtype = x.dtype
     left, right = [], []
     if t_in is not None:
