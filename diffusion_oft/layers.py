@@ -38,19 +38,6 @@ def _apply_to_weight(
     return weight
 
 
-def _invert_on_weight(
-    weight: torch.Tensor, transforms: dict[str, BlockTransform], magnitude: torch.Tensor | None
-) -> torch.Tensor:
-    """Inverse of ``_apply_to_weight``: W' -> R_out^-1 diag(1/s) W' R_in^-T."""
-    if magnitude is not None:
-        weight = weight / magnitude.to(weight.dtype)[:, None]
-    if "output" in transforms:
-        weight = transforms["output"].inverse().right_mul(weight.t(), transpose=True).t()
-    if "input" in transforms:
-        weight = transforms["input"].inverse().right_mul(weight, transpose=True)
-    return weight
-
-
 class OrthoLinear(nn.Module):
     """Wraps a frozen ``nn.Linear`` (kept as ``base_layer``) and applies orthogonal adapters.
 
@@ -221,11 +208,18 @@ class OrthoLinear(nn.Module):
     # ---- merging -----------------------------------------------------------------------------------
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the pending adapters into the base weight (computed in float64)."""
+        """Fold the pending adapters into the base weight (computed in float64).
+
+        The first merge keeps a copy of the base weight (``unmerged_weight``, a non-persistent buffer in
+        the weight's dtype and device: one more weight of this layer while merged), so ``unmerge`` gives
+        the original weight back bit for bit, whatever the adapter's parameters (inverting a transform
+        that can be near singular, as ETHER+'s, could not)."""
         names = self._pending()
         if not names:
             return
         weight = self.base_layer.weight
+        if not self.merged_adapters:
+            self.register_buffer("unmerged_weight", weight.detach().clone(), persistent=False)
         merged = weight.double()
         for name in names:
             transforms, magnitude = self._transforms(name)
@@ -236,15 +230,17 @@ class OrthoLinear(nn.Module):
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Restore the base weight with the exact inverse of each merged adapter (float64)."""
+        """Restore the base weight exactly (from the copy ``merge`` kept) and free the copy."""
         if not self.merged_adapters:
             return
+        saved = self._buffers.pop("unmerged_weight", None)
+        if saved is None:
+            raise RuntimeError(
+                "this layer is marked merged but holds no copy of its base weight; reload the base model "
+                "instead of unmerging"
+            )
         weight = self.base_layer.weight
-        restored = weight.double()
-        for name in reversed(self.merged_adapters):
-            transforms, magnitude = self._transforms(name)
-            restored = _invert_on_weight(restored, transforms, magnitude)
-        weight.copy_(restored.to(weight.dtype))
+        weight.copy_(saved.to(device=weight.device, dtype=weight.dtype))
         self.merged_adapters = []
         self._cache = None
 

@@ -128,7 +128,8 @@ def merge_adapter(model: nn.Module) -> None:
 
 
 def unmerge_adapter(model: nn.Module) -> None:
-    """Undo ``merge_adapter`` with each transform's exact inverse (no drift over many cycles)."""
+    """Undo ``merge_adapter``: the base weights come back bit for bit (``merge`` keeps a copy of each
+    adapted weight while merged), whatever the adapters' parameters; no drift over any number of cycles."""
     for module in model.modules():
         if getattr(module, "fused_projections", False) and any(
             isinstance(m, OrthoLinear) and m.merged_adapters for m in module.modules()

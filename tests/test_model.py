@@ -76,6 +76,57 @@ def test_merge_matches_unmerged_and_unmerge_does_not_drift(tiny_unet, unet_input
     assert rel_err(run_unet(tiny_unet, unet_inputs), base) < 1e-5
 
 
+# Parameters moved as far as training moves them, and farther: ETHER+'s u and v can end up nearly
+# orthogonal (a near-singular transform), which no inverse could undo exactly.
+UNMERGE_SCALES = (0.01, 0.3, 1.0, 3.0)
+
+
+@pytest.mark.parametrize("magnitude", [False, True], ids=["plain", "magnitude"])
+@pytest.mark.parametrize("side", ["input", "output"])
+@pytest.mark.parametrize("method", ALL)
+def test_unmerge_and_remove_give_back_the_base_weights_exactly(unet_inputs, method, side, magnitude):
+    """merge -> 20 x (unmerge, merge) -> unmerge -> remove: the base weights bit for bit, in fp32, fp16 and
+    bf16, for parameters at every scale (issue: ETHER+ used to come back up to 1.0 off)."""
+    reference = make_tiny_unet()
+    base_out = run_unet(reference, unet_inputs)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        base_state = {k: v.to(dtype) for k, v in reference.state_dict().items()}
+        for scale in UNMERGE_SCALES if dtype == torch.float32 else UNMERGE_SCALES[-2:]:
+            unet = make_tiny_unet().to(dtype)
+            do.add_adapter(unet, do.AdapterConfig(**METHOD_CONFIGS[method], side=side, magnitude=magnitude))
+            torch.manual_seed(int(scale * 100))
+            with torch.no_grad():
+                for p in do.adapter_parameters(unet):
+                    p.add_(torch.randn_like(p) * scale)
+            originals = {n: layer.base_layer.weight.detach().clone() for n, layer in do.model.named_ortho_layers(unet)}
+            do.merge_adapter(unet)
+            moved = max(rel_err(layer.base_layer.weight.float(), originals[n].float())
+                        for n, layer in do.model.named_ortho_layers(unet))
+            assert moved > 1e-3, "the merge changed nothing: the test would prove nothing"
+            for _ in range(20 if scale == UNMERGE_SCALES[-1] else 3):
+                do.unmerge_adapter(unet)
+                do.merge_adapter(unet)
+            do.unmerge_adapter(unet)
+            for name, layer in do.model.named_ortho_layers(unet):
+                assert torch.equal(layer.base_layer.weight, originals[name]), (dtype, scale, name)
+                assert "unmerged_weight" not in layer._buffers  # the copy is freed after unmerging
+            do.merge_adapter(unet)
+            do.remove_adapter(unet)  # removing a merged adapter unmerges it first
+            state = unet.state_dict()
+            assert state.keys() == base_state.keys()
+            for key, value in base_state.items():
+                assert torch.equal(state[key], value), (dtype, scale, key)
+            if dtype == torch.float32:
+                assert torch.equal(run_unet(unet, unet_inputs), base_out)
+
+
+def test_merged_state_dict_holds_no_copy_of_the_base_weights(tiny_unet):
+    do.add_adapter(tiny_unet, do.AdapterConfig(**METHOD_CONFIGS["oft"]))
+    keys = set(tiny_unet.state_dict())
+    do.merge_adapter(tiny_unet)
+    assert set(tiny_unet.state_dict()) == keys  # the kept copy is a non-persistent buffer
+
+
 def test_enable_disable_and_remove_restore_base(tiny_unet, unet_inputs):
     base = run_unet(tiny_unet, unet_inputs)
     do.add_adapter(tiny_unet, do.AdapterConfig(**METHOD_CONFIGS["oft"]))
