@@ -71,6 +71,22 @@ def _adapted_components(target: Any, component: str | None) -> dict[str, nn.Modu
     return {component or default_component_name(target): target}
 
 
+def plain_write_mode(path: str | os.PathLike) -> int:
+    """The permission bits a plain ``open(path, "w")`` would leave: an existing file's, else 0666 less
+    the umask (read from /proc where it can be, since ``os.umask`` can only be read by setting it)."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except OSError:
+        pass
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
     """safetensors save via a temporary file + rename: a crash never leaves a torn file."""
     path = Path(path)
@@ -79,6 +95,7 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, plain_write_mode(path))  # mkstemp makes 0600 files
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
@@ -10,6 +12,20 @@ import diffusion_oft as do
 from diffusion_oft import tiny
 
 torch.set_num_threads(1)  # tiny models: one thread is fastest and behaves on a shared machine
+
+REPO = Path(__file__).resolve().parents[1]
+# Made by tools, not by the tests' own writes.
+_TOOL_ENTRIES = {".pytest_cache", ".ruff_cache", "__pycache__", ".hypothesis"}
+
+
+@pytest.fixture(autouse=True)
+def _writes_only_to_temporary_folders():
+    """Tests write only to temporary folders: a test that leaves a new file or folder in the checkout
+    (e.g. a default --output_dir) fails here."""
+    before = {p.name for p in REPO.iterdir()}
+    yield
+    new = sorted({p.name for p in REPO.iterdir()} - before - _TOOL_ENTRIES)
+    assert not new, f"the test left {new} in the checkout {REPO}; tests must write to tmp_path"
 
 
 def make_tiny_unet(seed: int = 0, cross_attention_dim: int = 32) -> UNet2DConditionModel:

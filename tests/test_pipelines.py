@@ -158,6 +158,13 @@ EXPECTED_COMPONENTS = {
 }
 
 
+def assert_images_close(a: np.ndarray, b: np.ndarray, atol: float = 1e-5) -> None:
+    """Images of two pipeline instances with equal weights: equal up to float32 rounding (bit-exact
+    comparisons are kept for one instance, where the same kernels see the same inputs)."""
+    assert a.shape == b.shape
+    assert np.abs(a - b).max() <= atol, np.abs(a - b).max()
+
+
 @pytest.mark.parametrize("kind", list(FACTORIES))
 def test_load_adapter_into_each_pipeline_class(tmp_path, kind):
     source = FACTORIES[kind]()
@@ -208,7 +215,10 @@ def test_auto_pipelines_load_and_share_adapters(tiny_dir, sd_files):
     assert np.abs(adapted - base).max() > 1e-3
     reference = make_sd()  # the same tiny weights (seed 0) through the plain pipeline
     do.load_adapter(reference, sd_files["subject"])
-    assert np.array_equal(generate(reference, "auto_t2i"), adapted)
+    # Another pipeline instance (built in memory, not read from the folder): the same weights, but tensors of
+    # other memory layout and alignment, for which BLAS may pick other kernels: equal to float rounding, not
+    # bit for bit on every CPU (measured ~1e-7 apart on an AMD EPYC).
+    assert_images_close(generate(reference, "auto_t2i"), adapted)
     # from_pipe shares the components, so the adapters come along and switch together
     img2img = _quiet(AutoPipelineForImage2Image.from_pipe(pipe))
     assert type(img2img) is StableDiffusionImg2ImgPipeline
@@ -246,9 +256,9 @@ def test_custom_pipeline_file_loads_with_from_pretrained(tiny_dir, sd_files):
     do.load_adapter(reference, sd_files["subject"], adapter_name="subject")
     do.set_adapters(reference, ["subject"], [0.5])
     half = generate(pipe)
-    assert np.array_equal(half, generate(reference))
+    assert_images_close(half, generate(reference))  # another instance: see test_auto_pipelines_...
     base = generate(make_sd())
-    assert np.array_equal(generate(pipe, adapter_scale=0.0), base)  # per call only ...
+    assert_images_close(generate(pipe, adapter_scale=0.0), base)  # per call only ...
     assert pipe.ortho_adapters == {"subject": 0.5}  # ... the pipeline's own scale is kept
     assert np.array_equal(generate(pipe), half)
 

@@ -296,3 +296,30 @@ def test_adapter_files_are_written_atomically(tmp_path, monkeypatch):
     assert path.read_bytes() == raw
     assert [p.name for p in tmp_path.iterdir()] == ["adapter.safetensors"]
     monkeypatch.setattr(files, "save_file", save_file)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o002])
+def test_atomic_writes_end_with_the_permissions_of_a_plain_write(tmp_path, umask):
+    """Atomic writes go through a mkstemp file (mode 0600); the result must have what open(..., "w")
+    would give: 0666 less the umask for a new file, the old mode for a replaced one."""
+    import os
+    import stat
+
+    from diffusion_oft.files import atomic_save_file
+
+    old = os.umask(umask)
+    try:
+        new = tmp_path / "new.safetensors"
+        atomic_save_file({"x": torch.zeros(2)}, new, {})
+        plain = tmp_path / "plain.txt"
+        plain.write_text("x")
+        assert stat.S_IMODE(new.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode) == 0o666 & ~umask
+        os.chmod(new, 0o600)  # a user's choice for an existing file is kept
+        atomic_save_file({"x": torch.ones(2)}, new, {})
+        assert stat.S_IMODE(new.stat().st_mode) == 0o600
+    finally:
+        os.umask(old)
+    unet = make_tiny_unet()
+    do.add_adapter(unet, do.AdapterConfig(**METHOD_CONFIGS["oft"]))
+    saved = do.save_adapter(unet, tmp_path / "adapter.safetensors")
+    assert stat.S_IMODE(saved.stat().st_mode) == 0o666 & ~old

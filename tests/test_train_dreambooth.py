@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,7 @@ from diffusion_oft.training.dreambooth import main as train_main
 REPO = Path(__file__).resolve().parents[1]
 RES = 16
 PROMPT = "a photo of sks disc"
+VALIDATION_PROMPT = "a photo of sks disc in a bucket"  # not the instance prompt: the card must tell them apart
 
 
 def base_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
@@ -42,7 +45,7 @@ E2E_FLAGS = [
     "--sample_batch_size", "2", "--class_inference_steps", "2", "--max_train_steps", "20",
     "--learning_rate", "1e-2", "--lr_scheduler", "cosine", "--lr_warmup_steps", "3",
     "--checkpointing_steps", "5", "--checkpoints_total_limit", "3",
-    "--validation_prompt", PROMPT, "--validation_steps", "10", "--seed", "7",
+    "--validation_prompt", VALIDATION_PROMPT, "--validation_steps", "10", "--seed", "7",
 ]
 
 
@@ -75,6 +78,15 @@ def test_end_to_end_prior_preservation_validation_and_outputs(workspace, trained
     card = (out / "README.md").read_text()
     for needle in ("base_model:", "oft", PROMPT, "samples.png", "trainable parameters", "| steps | 20"):
         assert needle in card
+    yaml = card.split("---")[1]
+    assert f"instance_prompt: {PROMPT}" in yaml and VALIDATION_PROMPT not in yaml  # the bound prompt, not validation
+    assert f"Prompt: `{VALIDATION_PROMPT}`" in card  # the samples' prompt, in the body
+    # every output is written with the permissions a plain write gives (the umask's), adapter files too
+    umask = os.umask(0)
+    os.umask(umask)
+    expected_mode = 0o666 & ~umask
+    for path in [out / "adapter.safetensors", out / "checkpoint-10" / "adapter.safetensors", out / "README.md"]:
+        assert stat.S_IMODE(path.stat().st_mode) == expected_mode, path
     info = do.adapter_info(out / "adapter.safetensors")
     assert list(info["components"]) == ["unet"]
     assert info["components"]["unet"]["config"]["num_blocks"] == 4  # OFT's paper default r = 4

@@ -34,9 +34,9 @@ def run_control(args) -> int:
 
     from ..conditions import canny
     from ..evaluation.control_fidelity import evaluate_control, format_table, write_report
+    from ..model_paths import resolve_model_path
     from ..pipelines.stable_diffusion_control import OrthoStableDiffusionControlPipeline
     from ..training.control_data import _open, records_from_folder
-    from ..training.models import resolve_model_path
 
     if args.resolution % 8:
         raise ValueError(f"--resolution must be divisible by 8, got {args.resolution}")

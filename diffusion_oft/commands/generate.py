@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import sys
 import types
@@ -139,13 +138,10 @@ def check_args(args) -> None:
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         raise CommandError(f"--output_dir {out} exists and is not a folder")
-    args.model_path = args.model
-    if args.model.startswith("builtin:"):  # the tiny models of the training commands (no download)
-        from ..training.models import BUILTIN_MODELS, resolve_model_path
+    from ..model_paths import resolve_model_path
 
-        if args.model not in BUILTIN_MODELS:
-            raise CommandError(f"--model {args.model}: unknown; built-in models: {', '.join(BUILTIN_MODELS)}")
-        args.model_path = resolve_model_path(args.model)
+    # builtin:tiny-sd (no download); a path-like value that does not exist fails here, not after hub retries
+    args.model_path = resolve_model_path(args.model, "--model")
     model = Path(args.model_path).expanduser()
     if model.exists():
         if not model.is_dir():
@@ -154,8 +150,6 @@ def check_args(args) -> None:
             )
         if not (model / "model_index.json").is_file():
             raise CommandError(f"--model {args.model}: no model_index.json in this folder (not a diffusers pipeline)")
-    elif args.model.startswith((".", "/", "~")) or args.model.count("/") > 1 or os.sep + os.sep in args.model:
-        raise CommandError(f"--model {args.model}: no such folder")
     if args.device != "auto":
         import torch
 

@@ -96,11 +96,13 @@ def bake(module: nn.Module) -> nn.Module:
 
 def load_base(model_path: str | os.PathLike, native: NativeAdapter):
     """A diffusers pipeline folder (model_index.json) or one model folder (config.json)."""
-    path = Path(model_path)
+    from ..model_paths import resolve_model_path
+
+    path = Path(resolve_model_path(str(model_path), "--model"))
     if (path / "model_index.json").is_file() or not path.exists():
         from diffusers import DiffusionPipeline
 
-        pipe = DiffusionPipeline.from_pretrained(str(model_path))
+        pipe = DiffusionPipeline.from_pretrained(str(path))
         if hasattr(pipe, "set_progress_bar_config"):
             pipe.set_progress_bar_config(disable=True)
         return pipe

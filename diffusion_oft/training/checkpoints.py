@@ -125,13 +125,15 @@ def restore_adapter_values(module: nn.Module, tensors: dict[str, torch.Tensor], 
 MIN_FREE_BYTES = 256 * 2**20  # checkpoints hold the adapter + optimizer state: small, but not nothing
 
 
-def check_output_dir(output_dir: str | Path, min_free_bytes: int = MIN_FREE_BYTES) -> None:
+def check_output_dir(output_dir: str | Path, min_free_bytes: int = MIN_FREE_BYTES) -> bool:
     """Fail before any model loads when ``output_dir`` cannot be created or written, or its disk is
-    (nearly) full; a probe file is written and removed."""
+    (nearly) full; a probe file is written and removed.  Returns whether the folder was created here
+    (so a run that fails before writing anything can remove it again: ``remove_if_empty``)."""
     import os
     import tempfile
 
     folder = Path(output_dir)
+    created = not folder.exists()
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
@@ -150,3 +152,16 @@ def check_output_dir(output_dir: str | Path, min_free_bytes: int = MIN_FREE_BYTE
             f"--output_dir {folder}: only {free / 2**20:.0f} MiB free on its disk; training needs at least "
             f"{min_free_bytes / 2**20:.0f} MiB for checkpoints and the adapter"
         )
+    return created
+
+
+def remove_if_empty(folder: str | Path) -> None:
+    """Remove ``folder`` (and empty folders in it) when nothing was written there."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for sub in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if sub.is_dir() and not any(sub.iterdir()):
+            sub.rmdir()
+    if not any(folder.iterdir()):
+        folder.rmdir()

@@ -276,6 +276,7 @@ image = pipe("{args.instance_prompt}").images[0]
             self.validation_prompts()[0], usage,
             tags=["text-to-image", "diffusion-oft", args.method, "dreambooth"]
             + (["stable-diffusion-xl"] if self.base.is_sdxl else ["stable-diffusion"]),
+            instance_prompt=args.instance_prompt,
         )
         self.outputs["model_card"] = str(path)
         (self.output_dir / "training_args.json").write_text(

@@ -32,6 +32,7 @@ from .checkpoints import (
     checkpoint_step,
     list_checkpoints,
     prune_checkpoints,
+    remove_if_empty,
     resolve_checkpoint,
     restore_adapter_values,
 )
@@ -234,15 +235,20 @@ class AdapterTrainer:
 
         args = self.args
         start_time = time.time()
-        check_output_dir(self.output_dir)  # read-only or full: fail now, not after hours
-        self.accelerator = accelerator = self.build_accelerator()
-        if args.allow_tf32 and torch.cuda.is_available():
-            torch.backends.cuda.matmul.allow_tf32 = True
-        set_seed(args.seed)
-        if self.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.weight_dtype = weight_dtype_of(accelerator.mixed_precision)
-        self.setup()
+        created = check_output_dir(self.output_dir)  # read-only or full: fail now, not after hours
+        try:
+            self.accelerator = accelerator = self.build_accelerator()
+            if args.allow_tf32 and torch.cuda.is_available():
+                torch.backends.cuda.matmul.allow_tf32 = True
+            set_seed(args.seed)
+            if self.is_main:
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+            self.weight_dtype = weight_dtype_of(accelerator.mixed_precision)
+            self.setup()
+        except BaseException:
+            if created and self.is_main:
+                remove_if_empty(self.output_dir)  # a bad input leaves no empty output folder behind
+            raise
 
         world = accelerator.num_processes
         accum = args.gradient_accumulation_steps

@@ -18,14 +18,18 @@ def write_model_card(
     rows: list[tuple[str, str]],
     config: dict,
     grid_file: str | None,
-    prompt: str | None,
+    sample_prompt: str | None,
     how_to_use: str,
     tags: list[str],
+    instance_prompt: str | None = None,
 ) -> Path:
-    """Write ``<output_dir>/README.md`` and return its path."""
+    """Write ``<output_dir>/README.md`` and return its path.
+
+    ``instance_prompt``: the prompt the subject is bound to (the card's YAML ``instance_prompt``, as in
+    diffusers' DreamBooth cards); ``sample_prompt``: the prompt of the samples grid (validation)."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    data = ModelCardData(library_name="diffusers", base_model=base_model, instance_prompt=prompt, tags=tags)
+    data = ModelCardData(library_name="diffusers", base_model=base_model, instance_prompt=instance_prompt, tags=tags)
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     body = f"""# {title}
 
@@ -37,8 +41,8 @@ def write_model_card(
 """
     if grid_file:
         body += f"\n## Samples\n\n![samples]({grid_file})\n"
-        if prompt:
-            body += f"\nPrompt: `{prompt}` (fixed seed).\n"
+        if sample_prompt:
+            body += f"\nPrompt: `{sample_prompt}` (fixed seed).\n"
     body += f"\n## How to use\n\n```python\n{how_to_use.strip()}\n```\n"
     body += f"\n## Adapter config\n\n```json\n{json.dumps(config, indent=2, sort_keys=True)}\n```\n"
     body += "\nTrained with diffusion-oft (orthogonal finetuning adapters for diffusers).\n"

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..model_paths import BUILTIN_MODELS, looks_like_a_path, resolve_model_path  # noqa: F401 (re-exported)
+
 
 @dataclass
 class BaseModel:
@@ -41,35 +43,6 @@ def _text_encoder_class(name_or_path: str, revision: str | None, subfolder: str)
     if arch == "CLIPTextModelWithProjection":
         return CLIPTextModelWithProjection
     raise ValueError(f"{name_or_path}/{subfolder}: text encoder {arch} is not supported (CLIP text models only)")
-
-
-BUILTIN_MODELS = {"builtin:tiny-sd": False, "builtin:tiny-sdxl": True}
-
-
-def resolve_model_path(name_or_path: str) -> str:
-    """``builtin:tiny-sd`` / ``builtin:tiny-sdxl``: the tiny models of diffusion_oft.tiny (random weights,
-    built from configs, no download), written once to ~/.cache/diffusion-oft/; anything else as is."""
-    if name_or_path not in BUILTIN_MODELS:
-        return name_or_path
-    import os
-    import tempfile
-    from pathlib import Path
-
-    from ..tiny import save_tiny_sd
-
-    cache = Path(os.environ.get("DIFFUSION_OFT_CACHE", Path.home() / ".cache" / "diffusion-oft"))
-    folder = cache / name_or_path.split(":", 1)[1]
-    if not (folder / "model_index.json").is_file():
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".tmp-"))
-        save_tiny_sd(tmp, sdxl=BUILTIN_MODELS[name_or_path])
-        try:
-            tmp.rename(folder)
-        except OSError:  # another process made it first
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
-    return str(folder)
 
 
 def load_base_model(args) -> BaseModel:
