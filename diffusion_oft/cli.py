@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .console import setup_console
+
+    setup_console()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:

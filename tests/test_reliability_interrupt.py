@@ -4,6 +4,7 @@ to the bit-identical adapter; torn checkpoint folders are detected and skipped."
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,13 +35,13 @@ if where == "between":  # in the forward pass of the step after checkpoint `step
             os.kill(os.getpid(), signal.SIGKILL)
         return original(self, batch, generator)
     DreamBoothTrainer.compute_loss = compute_loss
-else:  # while checkpoint `step` is being written: after the adapter file, before accelerate's files
-    original = DreamBoothTrainer._save_hook
-    def _save_hook(self, models, weights, output_dir):
-        original(self, models, weights, output_dir)
+else:  # while checkpoint `step` is being written: after the adapter file, before the optimizer state
+    original = DreamBoothTrainer.save_training_state
+    def save_training_state(self, directory):
         if self.global_step == step:
             os.kill(os.getpid(), signal.SIGKILL)
-    DreamBoothTrainer._save_hook = _save_hook
+        original(self, directory)
+    DreamBoothTrainer.save_training_state = save_training_state
 main(sys.argv[3:])
 """
 
@@ -95,7 +96,7 @@ def test_sigkill_between_checkpoints_resumes_bit_exact(setup, capsys):
 def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(setup, capsys):
     root, script, argv, reference = setup
     out = root / "killed-writing"
-    run_killed(script, "writing", 6, argv(out))  # killed inside save_state of checkpoint-6
+    run_killed(script, "writing", 6, argv(out))  # killed while checkpoint-6 is written
     # the torn write is only in a temporary folder; checkpoint-4 (and -2) are intact
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
     assert (out / ".tmp-checkpoint-6").is_dir()
@@ -110,7 +111,7 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(setup, capsys
 def complete_checkpoint(folder: Path) -> Path:
     folder.mkdir(parents=True)
     save_file({"x": torch.zeros(4)}, str(folder / "adapter.safetensors"))
-    for name in ("optimizer.bin", "random_states_0.pkl"):
+    for name in ("optimizer.safetensors", "training_state.json"):
         (folder / name).write_bytes(b"state")
     return folder
 
@@ -118,10 +119,10 @@ def complete_checkpoint(folder: Path) -> Path:
 def test_torn_checkpoints_are_detected_and_skipped(tmp_path, capsys):
     complete_checkpoint(tmp_path / "checkpoint-2")
     torn = {
-        "checkpoint-4": lambda p: (p / "optimizer.bin").unlink(),  # accelerate's files missing
+        "checkpoint-4": lambda p: (p / "optimizer.safetensors").unlink(),  # the optimizer state missing
         "checkpoint-6": lambda p: (p / "adapter.safetensors").write_bytes(
             (p / "adapter.safetensors").read_bytes()[:-3]),  # truncated adapter
-        "checkpoint-8": lambda p: (p / "random_states_0.pkl").write_bytes(b""),  # zero-byte file
+        "checkpoint-8": lambda p: (p / "training_state.json").write_bytes(b""),  # zero-byte file
         "checkpoint-10": lambda p: (p / "adapter.safetensors").write_bytes(b"garbage!" * 4),  # bad header
     }
     for name, damage in torn.items():
@@ -135,5 +136,48 @@ def test_torn_checkpoints_are_detected_and_skipped(tmp_path, capsys):
     with pytest.raises(ValueError, match="incomplete or torn"):
         resolve_checkpoint(tmp_path, "checkpoint-6")
     # nothing complete at all: a fresh run (None), with the messages
-    (tmp_path / "checkpoint-2" / "optimizer.bin").unlink()
+    (tmp_path / "checkpoint-2" / "optimizer.safetensors").unlink()
     assert resolve_checkpoint(tmp_path, "latest") is None
+
+
+# A pickle that writes a file when it is unpickled (what a checkpoint folder from elsewhere could hold).
+HOSTILE = """
+import pickle, sys
+class Boom:
+    def __reduce__(self):
+        return (open, (sys.argv[2], "w"))
+with open(sys.argv[1], "wb") as f:
+    pickle.dump(Boom(), f)
+"""
+
+
+def test_resuming_never_unpickles(setup, capsys):
+    """Checkpoints hold no pickles (optimizer tensors as safetensors, the rest JSON); pickles placed in a
+    checkpoint folder are never run, and an old-format folder is read with torch's weights-only loader."""
+    root, script, argv, reference = setup
+    out = root / "hostile"
+    run_killed(script, "between", 5, argv(out))  # checkpoint-2 and checkpoint-4 on disk
+    checkpoint = out / "checkpoint-4"
+    assert not list(checkpoint.rglob("*.pkl")) and not list(checkpoint.rglob("*.bin"))
+    assert {p.name for p in checkpoint.iterdir()} >= {"adapter.safetensors", "optimizer.safetensors",
+                                                      "training_state.json"}
+    legacy_out = root / "hostile-legacy"
+    shutil.copytree(out / "checkpoint-2", legacy_out / "checkpoint-2")
+    hostile = root / "hostile.py"
+    hostile.write_text(HOSTILE)
+    marker = root / "pwned"
+    for name in ("random_states_0.pkl", "custom_checkpoint_0.pkl", "optimizer.bin", "scaler.pt"):
+        subprocess.run([sys.executable, str(hostile), str(checkpoint / name), str(marker)], check=True)
+    result = train_main(argv(out, "--resume_from_checkpoint", "latest"))
+    assert "resumed from" in capsys.readouterr().out and result["global_step"] == 8
+    assert not marker.exists()  # none of the pickles ran
+    assert_same_adapter(out / "adapter.safetensors", reference)  # and the resume is still bit-exact
+    # an old-format folder (accelerate's pickles, no training_state.json): weights-only loading refuses
+    # the hostile optimizer.bin with one line and runs nothing
+    legacy = legacy_out / "checkpoint-2"
+    (legacy / "training_state.json").unlink()
+    (legacy / "optimizer.safetensors").unlink()
+    subprocess.run([sys.executable, str(hostile), str(legacy / "optimizer.bin"), str(marker)], check=True)
+    with pytest.raises(ValueError, match="refused"):
+        train_main(argv(legacy_out, "--resume_from_checkpoint", "latest"))
+    assert not marker.exists()

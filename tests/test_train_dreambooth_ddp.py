@@ -61,5 +61,5 @@ def test_two_cpu_processes_end_with_the_same_adapter(tmp_path):
         assert torch.equal(saved["unet." + key], value)
     # Only rank 0 wrote: one set of checkpoint files, no random state of rank 1.
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
-    assert not list(out.rglob("random_states_1.pkl"))
+    assert not list(out.rglob("*.pkl"))  # no pickles at all (and only the main process writes)
     assert proc.stdout.count("saved " + str(out / "adapter.safetensors")) == 1

@@ -87,7 +87,7 @@ def test_checkpoint_pruning_and_latest(tmp_path):
     for step in (5, 10, 100, 20):
         (tmp_path / f"checkpoint-{step}").mkdir()
         save_file({"x": torch.zeros(1)}, str(tmp_path / f"checkpoint-{step}" / "adapter.safetensors"))
-        for name in ("optimizer.bin", "random_states_0.pkl"):  # what accelerate writes (a complete checkpoint)
+        for name in ("optimizer.safetensors", "training_state.json"):  # a complete checkpoint's files
             (tmp_path / f"checkpoint-{step}" / name).write_bytes(b"x")
     (tmp_path / "checkpoint-x").mkdir()
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-5", "checkpoint-10", "checkpoint-20",

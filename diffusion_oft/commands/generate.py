@@ -70,7 +70,8 @@ def register(subparsers) -> None:
     p.add_argument("--num_images", type=int, default=4)
     p.add_argument("--steps", type=int, default=30, help="denoising steps")
     p.add_argument("--guidance_scale", type=float, default=7.5)
-    p.add_argument("--seed", type=int, default=None, help="seed of the first image (image i uses seed + i)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the first image (image i uses seed + i; default 0; -1: a random seed, printed)")
     p.add_argument("--height", type=int, default=None, help="default: the model's size")
     p.add_argument("--width", type=int, default=None, help="default: the model's size")
     p.add_argument(
@@ -315,7 +316,7 @@ def run(args) -> int:
     else:
         pipe.to(device)
 
-    seed = args.seed if args.seed is not None else random.randrange(2**31)
+    seed = args.seed if args.seed is not None and args.seed >= 0 else random.randrange(2**31)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     images, files = [], []

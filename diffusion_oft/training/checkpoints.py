@@ -1,5 +1,5 @@
-"""Checkpoints: ``<output_dir>/checkpoint-<step>`` folders with accelerate's state (optimizer, lr
-scheduler, RNG) and the adapter file(s) instead of full model weights; pruning; ``latest``."""
+"""Checkpoints: ``<output_dir>/checkpoint-<step>`` folders with the adapter file(s) (not full model
+weights) and the loop state as safetensors + JSON (never pickles); pruning; ``latest``."""
 
 from __future__ import annotations
 
@@ -61,8 +61,20 @@ def resolve_checkpoint(output_dir: str | Path, resume_from: str | None) -> Path 
     return path
 
 
-# What accelerate's save_state writes for us (optimizer, RNG of process 0) plus our adapter file.
-REQUIRED_FILES = ("adapter.safetensors", "optimizer.bin", "random_states_0.pkl")
+# A checkpoint folder: our adapter file (+ the task's extra files), the optimizer's tensors, and the rest of
+# the loop state (optimizer hyper-parameters, lr scheduler, fp16 grad scaler) as JSON.  Nothing is pickled,
+# so resuming from a folder made elsewhere never runs code.  (The loop re-seeds every micro-batch from the
+# seed and the step, so no RNG state is needed for a bit-exact resume.)
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "training_state.json"
+STATE_FORMAT = "diffusion-oft-training-state"
+STATE_VERSION = 1
+REQUIRED_FILES = ("adapter.safetensors", OPTIMIZER_FILE, STATE_FILE)
+# Written by diffusion-oft <= 0.1 through accelerate's save_state (pickles): read with torch's
+# weights_only loader (tensors and plain containers only), the RNG pickles never.
+LEGACY_REQUIRED_FILES = ("adapter.safetensors", "optimizer.bin")
+LEGACY_SCHEDULER_FILE = "custom_checkpoint_0.pkl"
+LEGACY_SCALER_FILE = "scaler.pt"
 
 
 def checkpoint_problem(path: str | Path) -> str | None:
@@ -71,7 +83,8 @@ def checkpoint_problem(path: str | Path) -> str | None:
     from safetensors import safe_open
 
     path = Path(path)
-    for name in REQUIRED_FILES:
+    legacy = not (path / STATE_FILE).exists() and (path / "optimizer.bin").is_file()
+    for name in LEGACY_REQUIRED_FILES if legacy else REQUIRED_FILES:
         file = path / name
         if not file.is_file() or file.stat().st_size == 0:
             return f"{name} is missing or empty"
@@ -86,6 +99,106 @@ def checkpoint_problem(path: str | Path) -> str | None:
     except Exception as err:  # safetensors raises several error types for broken files
         return f"adapter.safetensors is unreadable ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
     return None
+
+
+# ---- the loop state without pickles -----------------------------------------------------------------
+def _encode(value, key: str, tensors: dict[str, torch.Tensor]):
+    """A JSON-able copy of ``value`` with its tensors moved to ``tensors`` (dicts and tuples tagged, so
+    int keys and tuples come back as they were)."""
+    if isinstance(value, torch.Tensor):
+        tensors[key] = value.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(value, dict):
+        return {"__dict__": [[k, _encode(v, f"{key}.{k}", tensors)] for k, v in value.items()]}
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode(v, f"{key}.{i}", tensors) for i, v in enumerate(value)]}
+    if isinstance(value, list):
+        return [_encode(v, f"{key}.{i}", tensors) for i, v in enumerate(value)]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot store {type(value).__name__} at {key!r} in a checkpoint (tensors and plain values only)")
+
+
+def _decode(value, tensors: dict[str, torch.Tensor]):
+    if isinstance(value, dict):
+        if "__tensor__" in value:
+            return tensors[value["__tensor__"]]
+        if "__tuple__" in value:
+            return tuple(_decode(v, tensors) for v in value["__tuple__"])
+        if "__dict__" in value:
+            return {k: _decode(v, tensors) for k, v in value["__dict__"]}
+        raise ValueError(f"unknown entry {sorted(value)} in the training state")
+    if isinstance(value, list):
+        return [_decode(v, tensors) for v in value]
+    return value
+
+
+def save_training_state(directory: str | Path, optimizer, lr_scheduler, scaler=None, extra: dict | None = None) -> None:
+    """``optimizer.safetensors`` (the optimizer's tensors) and ``training_state.json`` (everything else)."""
+    import json
+
+    from ..files import atomic_save_file
+
+    directory = Path(directory)
+    tensors: dict[str, torch.Tensor] = {}
+    state = {
+        "format": STATE_FORMAT,
+        "format_version": STATE_VERSION,
+        "optimizer": _encode(optimizer.state_dict(), "optimizer", tensors),
+        "lr_scheduler": _encode(lr_scheduler.state_dict(), "lr_scheduler", tensors),
+        "grad_scaler": None if scaler is None else _encode(scaler.state_dict(), "grad_scaler", tensors),
+        **(extra or {}),
+    }
+    atomic_save_file(tensors, directory / OPTIMIZER_FILE, {"format": STATE_FORMAT})
+    (directory / STATE_FILE).write_text(json.dumps(state, indent=1), encoding="utf-8")
+
+
+def load_training_state(directory: str | Path, optimizer, lr_scheduler, scaler=None) -> None:
+    """Restore what ``save_training_state`` wrote (or a legacy folder's optimizer / scheduler / scaler,
+    read with ``torch.load(weights_only=True)``: no code runs; its RNG pickles are never opened)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    if not (directory / STATE_FILE).is_file() and (directory / "optimizer.bin").is_file():
+        _load_legacy_state(directory, optimizer, lr_scheduler, scaler)
+        return
+    try:
+        state = json.loads((directory / STATE_FILE).read_text(encoding="utf-8"))
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise ValueError(f"not a {STATE_FORMAT} file")
+        if int(state.get("format_version", 0)) > STATE_VERSION:
+            raise ValueError("written by a newer diffusion-oft; upgrade it")
+        tensors = load_file(str(directory / OPTIMIZER_FILE))
+        optimizer.load_state_dict(_decode(state["optimizer"], tensors))
+        lr_scheduler.load_state_dict(_decode(state["lr_scheduler"], tensors))
+        if scaler is not None and state.get("grad_scaler") is not None:
+            scaler.load_state_dict(_decode(state["grad_scaler"], tensors))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{directory}: cannot restore the training state ({' '.join(str(err).split())})") from None
+
+
+def _load_legacy_state(directory: Path, optimizer, lr_scheduler, scaler) -> None:
+    import pickle
+
+    def load(name: str):
+        try:
+            return torch.load(directory / name, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+            reason = " ".join(str(err).split())[:200]
+            raise ValueError(
+                f"{directory / name}: refused (only plain tensors and containers are read from old checkpoints, "
+                f"never code: {reason}); resume from a checkpoint written by this version or start afresh"
+            ) from None
+
+    logger.warning("%s: a checkpoint of diffusion-oft <= 0.1 (accelerate's files); its RNG files are not read",
+                   directory)
+    optimizer.load_state_dict(load("optimizer.bin"))
+    if (directory / LEGACY_SCHEDULER_FILE).is_file():
+        lr_scheduler.load_state_dict(load(LEGACY_SCHEDULER_FILE))
+    if scaler is not None and (directory / LEGACY_SCALER_FILE).is_file():
+        scaler.load_state_dict(load(LEGACY_SCALER_FILE))
 
 
 def prune_checkpoints(output_dir: str | Path, total_limit: int | None, keep: Path | None = None) -> list[Path]:

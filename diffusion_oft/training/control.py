@@ -325,6 +325,9 @@ def control_pipeline(trainer: ControlTrainer):
 
 
 def main(argv: list[str] | None = None, args=None) -> dict:
+    from ..console import setup_console
+
+    setup_console()
     if args is None:
         args = control_parser().parse_args(argv)
     finalize_args(args, "control")

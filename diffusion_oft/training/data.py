@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from ..console import UserFacingWarning
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -67,7 +69,7 @@ def list_images(
     return images
 
 
-class BadDataWarning(UserWarning):
+class BadDataWarning(UserFacingWarning):
     """Training files that were skipped (not images, unreadable)."""
 
 

@@ -287,6 +287,9 @@ image = pipe("{args.instance_prompt}").images[0]
 
 def main(argv: list[str] | None = None, args=None) -> dict:
     """Parse (or take) the arguments and train; returns the run summary."""
+    from ..console import setup_console
+
+    setup_console()
     if args is None:
         args = dreambooth_parser().parse_args(argv)
     finalize_args(args, "dreambooth")

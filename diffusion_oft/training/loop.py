@@ -31,10 +31,12 @@ from .checkpoints import (
     check_output_dir,
     checkpoint_step,
     list_checkpoints,
+    load_training_state,
     prune_checkpoints,
     remove_if_empty,
     resolve_checkpoint,
     restore_adapter_values,
+    save_training_state,
 )
 from .data import StreamBatchSampler, make_dataloader, mix_seed
 from .validation import log_images, save_grid
@@ -141,22 +143,24 @@ class AdapterTrainer:
             "seed": a.seed,
         }
 
-    # ---- checkpoint hooks --------------------------------------------------------------------------
-    def _save_hook(self, models, weights, output_dir):
-        # accelerate would write every prepared model in full: pop them and write the adapter instead.
-        while weights:
-            weights.pop()
-        if self.is_main:
-            self.save_adapter_file(Path(output_dir) / ADAPTER_FILE)
-            self.save_extra(Path(output_dir))
+    # ---- checkpoints -------------------------------------------------------------------------------
+    def write_checkpoint(self, directory: Path) -> None:
+        """The adapter file, the task's extra files, then the loop state (main process only)."""
+        self.save_adapter_file(directory / ADAPTER_FILE)
+        self.save_extra(directory)
+        self.save_training_state(directory)
 
-    def _load_hook(self, models, input_dir):
-        while models:
-            models.pop()
-        tensors, _ = read_adapter_file(Path(input_dir) / ADAPTER_FILE)
+    def save_training_state(self, directory: Path) -> None:
+        save_training_state(directory, self.optimizer, self.lr_scheduler, self.accelerator.scaler,
+                            extra={"global_step": self.global_step})
+
+    def load_checkpoint(self, directory: Path) -> None:
+        """Restore the adapter, the extra files and the loop state of a checkpoint folder (every process)."""
+        tensors, _ = read_adapter_file(directory / ADAPTER_FILE)
         for comp, module in self.adapted_components().items():
             restore_adapter_values(module, tensors, f"{comp}.", self.args.adapter_name)
-        self.load_extra(Path(input_dir))
+        self.load_extra(directory)
+        load_training_state(directory, self.optimizer, self.lr_scheduler, self.accelerator.scaler)
 
     def save_checkpoint(self) -> Path | None:
         """Written to a temporary folder that is renamed when complete: a kill mid-write leaves no
@@ -166,13 +170,15 @@ class AdapterTrainer:
             tmp = self.output_dir / f".tmp-checkpoint-{self.global_step}"
             if tmp.exists():
                 shutil.rmtree(tmp)
-            self.accelerator.save_state(str(tmp))
+            tmp.mkdir(parents=True)
+            self.write_checkpoint(tmp)
             if path.exists():
                 shutil.rmtree(path)
             os.replace(tmp, path)
             for removed in prune_checkpoints(self.output_dir, self.args.checkpoints_total_limit, keep=path):
                 logger.info("removed old checkpoint %s", removed)
             self.log(f"saved {path}")
+        self.accelerator.wait_for_everyone()
         return path
 
     def check_finite(self, loss: torch.Tensor, micro: int) -> None:
@@ -271,15 +277,13 @@ class AdapterTrainer:
         self.prepared_modules = list(prepared[:-1])
         self.optimizer = optimizer = prepared[-1]
         self.on_prepared(self.prepared_modules)
-        accelerator.register_for_checkpointing(lr_scheduler)
-        accelerator.register_save_state_pre_hook(self._save_hook)
-        accelerator.register_load_state_pre_hook(self._load_hook)
+        self.lr_scheduler = lr_scheduler
 
         resume = resolve_checkpoint(self.output_dir, args.resume_from_checkpoint)
         if args.resume_from_checkpoint and resume is None:
             self.log(f"no checkpoint in {self.output_dir} to resume from; starting a new run")
         if resume is not None:
-            accelerator.load_state(str(resume))
+            self.load_checkpoint(resume)
             self.global_step = checkpoint_step(resume)
             self.log(f"resumed from {resume} (step {self.global_step})")
 
