@@ -120,7 +120,7 @@ def train_denoiser(unet, text_encoder, tokenizer, scheduler, latent_mean, latent
     text_encoder.train()
     running, first = None, 0
     if state_path is not None and Path(state_path).is_file():
-        state = torch.load(state_path, weights_only=False)
+        state = torch.load(state_path, weights_only=True)  # tensors and numbers only: no code runs
         unet.load_state_dict(state["unet"])
         text_encoder.load_state_dict(state["text_encoder"])
         ema_unet.load_state_dict(state["ema_unet"])
@@ -236,7 +236,7 @@ def pretrain(output_dir: str | Path, *, seed: int = 0, dataset_size: int = 20000
     vae_state = output_dir / ".pretrain-vae.pt"
     t0 = time.time()
     if vae_state.is_file():  # resuming: phase 1 is done
-        saved = torch.load(vae_state, weights_only=False)
+        saved = torch.load(vae_state, weights_only=True)
         vae.load_state_dict(saved["vae"])
         generator.set_state(saved["generator"])
         vae.eval()
