@@ -6,25 +6,16 @@ from __future__ import annotations
 def register(subparsers) -> None:
     p = subparsers.add_parser("eval", help="evaluate a trained adapter (control: edge IoU / F1)")
     sub = p.add_subparsers(dest="eval_task", metavar="TASK", required=True)
-    c = sub.add_parser(
-        "control",
-        help="Canny control fidelity of a `train control` output, with a grid",
-        description="Generate from edge maps and score the Canny edges of the outputs against "
-        "them (IoU, F1), with and without the control; writes a table, JSON and a grid.",
-    )
-    c.add_argument(
-        "--pretrained_model_name_or_path", required=True, help="base model (hub id, folder, builtin:tiny-sd)"
-    )
+    c = sub.add_parser("control", help="Canny control fidelity of a `train control` output, with a grid",
+                       description="Generate from edge maps and score the Canny edges of the outputs against "
+                       "them (IoU, F1), with and without the control; writes a table, JSON and a grid.")
+    c.add_argument("--pretrained_model_name_or_path", required=True,
+                   help="base model (hub id, folder, builtin:tiny-sd)")
     c.add_argument("--control", required=True, help="a `train control` output folder (or its adapter file)")
-    c.add_argument(
-        "--data_dir", required=True, help="folder with metadata.jsonl (image, optional conditioning_image, text)"
-    )
-    c.add_argument(
-        "--condition",
-        default="canny",
-        choices=["canny", "none"],
-        help="canny: edges of each image are the input; none: read conditioning_image (an edge map)",
-    )
+    c.add_argument("--data_dir", required=True,
+                   help="folder with metadata.jsonl (image, optional conditioning_image, text)")
+    c.add_argument("--condition", default="canny", choices=["canny", "none"],
+                   help="canny: edges of each image are the input; none: read conditioning_image (an edge map)")
     c.add_argument("--image_column", default="image")
     c.add_argument("--conditioning_image_column", default="conditioning_image")
     c.add_argument("--caption_column", default="text")
@@ -49,13 +40,8 @@ def run_control(args) -> int:
 
     if args.resolution % 8:
         raise ValueError(f"--resolution must be divisible by 8, got {args.resolution}")
-    records = records_from_folder(
-        args.data_dir,
-        args.image_column,
-        args.conditioning_image_column,
-        args.caption_column,
-        need_condition=args.condition == "none",
-    )
+    records = records_from_folder(args.data_dir, args.image_column, args.conditioning_image_column,
+                                  args.caption_column, need_condition=args.condition == "none")
     n = len(records) if args.max_samples is None else min(args.max_samples, len(records))
     examples = []
     for i in range(n):
@@ -72,15 +58,8 @@ def run_control(args) -> int:
     if torch.cuda.is_available():
         pipe.to("cuda")
     pipe.set_progress_bar_config(disable=True)
-    result = evaluate_control(
-        pipe,
-        examples,
-        args.num_inference_steps,
-        args.guidance_scale,
-        args.seed,
-        args.resolution,
-        baseline=not args.no_baseline,
-    )
+    result = evaluate_control(pipe, examples, args.num_inference_steps, args.guidance_scale, args.seed,
+                              args.resolution, baseline=not args.no_baseline)
     paths = write_report(result, args.output_dir)
     print(format_table(result["summary"], result["n"]))
     print(f"\ntable: {paths['table']}\ngrid:  {paths['grid']}\njson:  {paths['json']}")

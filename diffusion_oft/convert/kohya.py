@@ -446,7 +446,8 @@ def native_to_kohya(native: NativeAdapter) -> dict[str, torch.Tensor]:
         if config.side != "output":
             raise ConversionError(
                 f"{where}: LyCORIS oft_blocks rotate the output side, and an input-side rotation cannot be rewritten "
-                "as output-side blocks; use --to diff (exact, read by ComfyUI and A1111) or train with side='output'"
+                "as output-side blocks; use --to lora or --to diff (read by ComfyUI and A1111), or train with "
+                "--side output (AdapterConfig(side='output'))"
             )
         if config.cayley_mode != "exact":
             raise ConversionError(
