@@ -17,7 +17,8 @@ FORMATS = ("peft", "kohya", "diff", "merged", "lora", "kohya-lora", "diffusion-o
 # What each client does with each export, as measured on their code (see README, "Use it elsewhere").
 CLIENT_NOTES = """client notes (measured on ComfyUI 0.3.64, A1111 before and from 1.9, diffusers 0.42):
   lora        diffusers pipe.load_lora_weights (also set_adapters / fuse_lora): exact for ETHER/ETHER+, the
-              printed error for OFT/BOFT. Mixed ranks need diffusers >= 0.34 (reads the file's lora_adapter_metadata).
+              printed error for OFT/BOFT. Mixed ranks need diffusers >= 0.34 (it reads lora_adapter_metadata);
+              before that give --rank R (one rank everywhere).
   kohya-lora  ComfyUI, A1111, Forge (and diffusers): plain LoRA, every version; the same error as lora.
   kohya       LyCORIS oft_blocks, output side only (train with --side output):
               ComfyUI 0.3.6x: OFT and BOFT exact, but ignores 'rescale' for OFT (an OFT + magnitude file is then

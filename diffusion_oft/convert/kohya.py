@@ -456,8 +456,9 @@ def native_to_kohya(native: NativeAdapter) -> dict[str, torch.Tensor]:
             )
         if config.magnitude and config.method == "oft":
             warn(
-                f"{where}: the per-output scale is written as LyCORIS 'rescale'; LyCORIS applies it, but the "
-                "ComfyUI and A1111 OFT loaders we checked ignore 'rescale' for 3-d oft_blocks (use --to diff there)"
+                f"{where}: the per-output scale is written as LyCORIS 'rescale'; LyCORIS and A1111 >= 1.9 apply it, "
+                "ComfyUI (0.3.6x) and A1111 < 1.9 ignore it for OFT (the result is then off there): use --to diff "
+                "or --to lora for those"
             )
         for path, params in native.layers(comp).items():
             name = kohya_name(comp, path, components)

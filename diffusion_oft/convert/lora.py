@@ -244,6 +244,7 @@ def summary(loras: dict[str, dict[str, LayerLoRA]]) -> list[dict]:
                 "rank_min": min(ranks),
                 "rank_max": max(ranks),
                 "parameters": sum(x.up.numel() + x.down.numel() for x in items),
+                "dense_parameters": sum(x.up.shape[0] * x.down.shape[1] for x in items),
                 "error_max": max(x.error for x in items),
                 "error_mean": sum(x.error for x in items) / len(items),
                 "exact": all(x.structural and x.error == 0.0 for x in items),
@@ -260,7 +261,16 @@ def format_summary(rows: list[dict], size_bytes: int) -> str:
         lines.append(f"  {row['component']} {row['group']}: {row['layers']} layers, rank {ranks}, {err}")
     n = sum(r["layers"] for r in rows)
     worst = max((r["error_max"] for r in rows), default=0.0)
-    lines.append(f"  total: {n} layers, max error {worst:.4f}, file size {size_bytes / 2**20:.2f} MiB")
+    dense = sum(r["dense_parameters"] for r in rows) * 4 / 2**20
+    lines.append(
+        f"  total: {n} layers, max error {worst:.4f}, file size {size_bytes / 2**20:.2f} MiB "
+        f"(the exact full deltas, --to diff --dtype float32: {dense:.2f} MiB)"
+    )
+    if size_bytes / 2**20 > dense:
+        lines.append(
+            "  note: this LoRA is larger than the exact full deltas: its weight changes are not low rank; "
+            "lower --rank / raise --max_error, or use --to diff (ComfyUI, A1111) or --to kohya"
+        )
     return "\n".join(lines)
 
 
@@ -363,5 +373,6 @@ def lora_refusal(layout: str) -> str:
     where = "pipe.load_lora_weights(PATH) of diffusers" if layout == "diffusers" else "ComfyUI / A1111 / Forge"
     return (
         f"a LoRA file ({layout} layout), not an orthogonal adapter: load it with {where} "
-        "(diffusion-oft's load_adapter reads orthogonal adapters only; `diffusion-oft info` describes it)"
+        "(diffusion-oft's load_adapter reads orthogonal adapters, no LoRA/LoHa/LoKr; `diffusion-oft info` "
+        "describes it)"
     )
