@@ -208,6 +208,36 @@ def test_text_encoder_adapters_through_load_lora_weights(tmp_path, base_dir, une
     assert rel(run_unet(pipe.unet, unet_inputs), want_unet) <= EXACT
 
 
+def test_sdxl_text_encoders_through_load_lora_weights(tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = tiny_sdxl_pipeline()
+    trained(pipe.unet, CASES["boft_output"])
+    for i, comp in enumerate(("text_encoder", "text_encoder_2")):
+        te_config = dict(method="ether_plus", num_blocks=2, target_modules=("q_proj", "k_proj", "v_proj", "out_proj"))
+        trained(getattr(pipe, comp), te_config, seed=7 + i)
+    do.save_adapter(pipe, tmp_path / "adapter.safetensors")
+    ids = pipe.tokenizer(["a photo"], return_tensors="pt").input_ids
+    for comp in ("text_encoder", "text_encoder_2"):
+        do.remove_adapter(getattr(pipe, comp))
+    do.remove_adapter(pipe.unet)
+    convert(tmp_path / "adapter.safetensors", "lora", tmp_path / "lora", model=pipe, max_error=0.0)
+    keys = load_file(tmp_path / "lora" / LORA_WEIGHTS_NAME).keys()
+    assert any(k.startswith("text_encoder_2.") for k in keys) and any(k.startswith("text_encoder.") for k in keys)
+    ours = tiny_sdxl_pipeline()
+    do.load_adapter(ours, tmp_path / "adapter.safetensors")
+    for comp in ("unet", "text_encoder", "text_encoder_2"):
+        do.merge_adapter(getattr(ours, comp))
+    theirs = tiny_sdxl_pipeline()
+    assert isinstance(theirs, StableDiffusionXLPipeline)
+    theirs.load_lora_weights(str(tmp_path / "lora"))
+    with torch.no_grad():
+        for comp in ("text_encoder", "text_encoder_2"):
+            want = getattr(ours, comp)(ids, output_hidden_states=True).hidden_states[-2]
+            got = getattr(theirs, comp)(ids, output_hidden_states=True).hidden_states[-2]
+            assert rel(got, want) <= EXACT, comp
+
+
 @pytest.mark.parametrize("sdxl", [False, True])
 def test_kohya_lora_keys_and_shapes(tmp_path, sdxl):
     pipe = tiny_sdxl_pipeline() if sdxl else tiny_sd_pipeline()

@@ -10,9 +10,8 @@ from __future__ import annotations
 import argparse
 import warnings
 
+from ..convert import FORMATS, NEEDS_MODEL
 from ..convert.lora import DEFAULT_MAX_ERROR
-
-FORMATS = ("peft", "kohya", "diff", "merged", "lora", "kohya-lora", "diffusion-oft")
 
 # What each client does with each export, as measured on their code (see README, "Use it elsewhere").
 CLIENT_NOTES = """client notes (measured on ComfyUI 0.3.64, A1111 before and from 1.9, diffusers 0.42):
@@ -85,7 +84,7 @@ def run(args) -> int:
     from ..cli import CommandError
     from ..convert import ConversionWarning, convert
 
-    if args.to in ("diff", "merged", "lora", "kohya-lora") and not args.model:
+    if args.to in NEEDS_MODEL and not args.model:
         raise CommandError(f"--to {args.to} needs the base model: --model PIPELINE_OR_MODEL_FOLDER_OR_HUB_ID")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConversionWarning)
