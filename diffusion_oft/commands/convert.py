@@ -8,6 +8,7 @@ kohya / LyCORIS file; the format is detected from its keys.
 from __future__ import annotations
 
 import argparse
+import textwrap
 import warnings
 
 from ..convert import FORMATS, NEEDS_MODEL
@@ -18,7 +19,8 @@ CLIENT_NOTES = """client notes (measured on ComfyUI 0.3.64, A1111 before and fro
   lora        diffusers pipe.load_lora_weights (also set_adapters / fuse_lora): exact for ETHER/ETHER+, the
               printed error for OFT/BOFT. Mixed ranks need diffusers >= 0.34 (it reads lora_adapter_metadata);
               before that give --rank R (one rank everywhere).
-  kohya-lora  ComfyUI, A1111, Forge (and diffusers): plain LoRA, every version; the same error as lora.
+  kohya-lora  kohya's plain LoRA layout, the one ComfyUI, A1111 and Forge load (their loading not run here;
+              diffusers' kohya reader tested); the same error as lora.
   kohya       LyCORIS oft_blocks, output side only (train with --side output):
               ComfyUI 0.3.6x: OFT and BOFT exact, but ignores 'rescale' for OFT (an OFT + magnitude file is then
                 ~25% off): use diff or lora there; applies 'rescale' for BOFT.
@@ -32,13 +34,14 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "convert",
         help="convert an adapter to PEFT, kohya/LyCORIS (ComfyUI, A1111), a LoRA, full weight deltas or a merged model",
-        description=(
+        description=textwrap.fill(
             "peft: PEFT OFT/BOFT folder (input-side OFT/BOFT); kohya: LyCORIS oft_blocks file for ComfyUI / A1111 "
             "(output-side OFT/BOFT); diff: kohya-style full weight deltas, any method (needs --model); merged: a "
             "diffusers pipeline or model folder with the adapter folded in (needs --model); lora: a LoRA that "
             "diffusers' pipe.load_lora_weights reads (folder or .safetensors file; exact for ETHER/ETHER+, a "
             "truncated SVD for OFT/BOFT; needs --model); kohya-lora: the same LoRA in kohya's layout (ComfyUI, "
-            "A1111, Forge); diffusion-oft: our own format (e.g. from a PEFT or kohya file)."
+            "A1111, Forge); diffusion-oft: our own format (e.g. from a PEFT or kohya file).",
+            width=100,
         ),
         epilog=CLIENT_NOTES,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -98,10 +98,13 @@ SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch
 
 
 def stored_dtype(folder: Path) -> torch.dtype | None:
-    """The dtype a model folder's weights are stored in (its first floating-point tensor), if known."""
+    """The dtype a model folder's weights are stored in (its first floating-point tensor), if known;
+    the files ``from_pretrained`` reads without a variant first (not ``*.fp16.safetensors``)."""
     from safetensors import safe_open
 
-    for file in sorted(folder.glob("*.safetensors")):
+    files = sorted(folder.glob("*.safetensors"))
+    plain = [f for f in files if "." not in f.name.removesuffix(".safetensors")]
+    for file in plain or files:
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():
                 dtype = SAFETENSORS_DTYPES.get(f.get_slice(key).get_dtype())
