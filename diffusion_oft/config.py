@@ -25,6 +25,11 @@ class AdapterConfig:
     Structure: give ``block_size`` (b, the same for every layer) or ``num_blocks`` (n, the
     block size is then dim / n per layer), not both; when neither is given the method's
     default is used (oft: b=32; boft: b=8, m=2; ether/ether_plus: n=4).
+
+    Side: ``side="input"`` (the papers', PEFT's) rotates each weight's input, W' = W R^T;
+    ``side="output"`` (kohya / LyCORIS) its output, W' = R W.  Only output-side OFT / BOFT export
+    as LyCORIS ``oft_blocks`` (``convert --to kohya``); ``--to lora``, ``diff`` and ``merged`` take
+    either.  The training scripts set it with ``--side``.  Two-sided ETHER+ acts on both sides.
     """
 
     method: str = "oft"

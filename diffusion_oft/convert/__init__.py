@@ -5,6 +5,8 @@
   kohya's newer PEFT-style ``oft_R.weight`` / ``boft_R`` files are read too.
 * ``diff``: full weight deltas per adapted layer (``<kohya name>.diff``), any method, exact.
 * ``merged``: a diffusers model or pipeline folder with the adapter folded into the weights.
+* ``lora`` / ``kohya-lora``: the weight change as a LoRA (diffusers' / kohya's layout), exact for
+  ETHER / ETHER+, a truncated SVD for OFT / BOFT (``rank`` / ``max_error``); needs the base model.
 
 ``read_adapter(path)`` detects the format from the keys; ``load_adapter`` (diffusion_oft.files)
 uses it, so PEFT and kohya/LyCORIS files load directly.
@@ -13,6 +15,7 @@ uses it, so PEFT and kohya/LyCORIS files load directly.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,7 @@ from ..files import (
 from .common import ConversionError, ConversionWarning, NativeAdapter, linear_dims, read_native, save_native
 from .full import write_diff, write_merged
 from .kohya import is_kohya_key, kohya_key_names, kohya_name, kohya_to_native, write_kohya
+from .lora import lora_layout, lora_refusal, write_lora
 from .peft import WEIGHTS_NAME, is_peft_key, native_to_peft, peft_to_native, read_peft
 
 __all__ = [
@@ -45,7 +49,8 @@ __all__ = [
     "read_adapter",
 ]
 
-FORMATS = ("peft", "kohya", "diff", "merged", "diffusion-oft")
+FORMATS = ("peft", "kohya", "diff", "merged", "lora", "kohya-lora", "diffusion-oft")
+NEEDS_MODEL = ("diff", "merged", "lora", "kohya-lora")
 
 
 def detect_format(keys, metadata: dict[str, str] | None = None) -> str:
@@ -55,14 +60,15 @@ def detect_format(keys, metadata: dict[str, str] | None = None) -> str:
         return "diffusion-oft"
     if not keys:
         raise AdapterFileError("the file holds no tensors")
+    layout = lora_layout(keys)
+    if layout is not None:
+        raise AdapterFileError(lora_refusal(layout))
     if all(is_kohya_key(k) for k in keys):
         return "kohya"
     if all(is_peft_key(k) for k in keys):
         return "peft"
     sample = next((k for k in keys if not is_kohya_key(k) and not is_peft_key(k)), keys[0])
     hint = ""
-    if any(s in sample for s in ("lora_A", "lora_B", "lora_up", "lora_down")):
-        hint = " (a LoRA file, not an orthogonal adapter)"
     if sample.rpartition(".")[2] in ("skew", "u_in", "u_out", "v_in", "v_out", "magnitude"):
         hint = " (diffusion-oft tensor names, but the file's metadata is missing)"
     raise AdapterFileError(
@@ -93,6 +99,8 @@ def read_adapter(path: str | os.PathLike, target: Any = None, component: str | N
     name = path.name
     if path.is_dir():
         if not (path / WEIGHTS_NAME).is_file():
+            if (path / "pytorch_lora_weights.safetensors").is_file():
+                raise AdapterFileError(f"{path}: {lora_refusal('diffusers')}")
             raise AdapterFileError(f"{path}: a folder, but not a PEFT adapter folder (no {WEIGHTS_NAME})")
         tensors, peft_config, _ = read_peft(path)
         return peft_to_native(tensors, peft_config, name, _candidates(target, component))
@@ -134,11 +142,16 @@ def convert(
     dst: str | os.PathLike,
     model: str | os.PathLike | Any | None = None,
     dtype: str = "auto",
+    rank: int | None = None,
+    max_error: float | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> Path:
     """Convert an adapter (any readable format) to ``to`` in ``dst``.
 
     model: the base model (a diffusers pipeline / model folder or hub id, or a loaded pipeline /
-    model); needed for ``diff`` and ``merged``, optional otherwise (exact kohya names, layer sizes).
+    model); needed for ``diff``, ``merged``, ``lora`` and ``kohya-lora``, optional otherwise (exact
+    kohya names, layer sizes).  rank / max_error: LoRA exports only (see ``convert.lora``); log
+    receives their per-layer-group summary.
     """
     if to not in FORMATS:
         raise ConversionError(f"unknown target format {to!r}; choose from {', '.join(FORMATS)}")
@@ -157,6 +170,13 @@ def convert(
         return save_native(native.tensors, native.configs, dst, native.base_model)
     if model is None:
         raise ConversionError(f"--to {to} needs the base model (--model PATH_OR_HUB_ID)")
+    if to in ("lora", "kohya-lora"):
+        layout = "diffusers" if to == "lora" else "kohya"
+        base_name = str(model) if isinstance(model, (str, os.PathLike)) else None
+        out, text = write_lora(native, target, dst, layout, rank, max_error, base_name)
+        if log is not None:
+            log(text)
+        return out
     if to == "diff":
         return write_diff(native, target, dst, dtype)
     if not isinstance(model, (str, os.PathLike)):

@@ -94,15 +94,38 @@ def bake(module: nn.Module) -> nn.Module:
     return module
 
 
+SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+
+
+def stored_dtype(folder: Path) -> torch.dtype | None:
+    """The dtype a model folder's weights are stored in (its first floating-point tensor), if known;
+    the files ``from_pretrained`` reads without a variant first (not ``*.fp16.safetensors``)."""
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    plain = [f for f in files if "." not in f.name.removesuffix(".safetensors")]
+    for file in plain or files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                dtype = SAFETENSORS_DTYPES.get(f.get_slice(key).get_dtype())
+                if dtype is not None:
+                    return dtype
+    return None
+
+
 def load_base(model_path: str | os.PathLike, native: NativeAdapter):
-    """A diffusers pipeline folder (model_index.json) or one model folder (config.json)."""
+    """A diffusers pipeline folder (model_index.json) or one model folder (config.json), loaded in
+    the dtype its weights are stored in (fp16 / bf16 folders stay fp16 / bf16)."""
     from ..model_paths import resolve_model_path
 
     path = Path(resolve_model_path(str(model_path), "--model"))
     if (path / "model_index.json").is_file() or not path.exists():
         from diffusers import DiffusionPipeline
 
-        pipe = DiffusionPipeline.from_pretrained(str(path))
+        dtypes = [stored_dtype(path / c) for c in native.configs if (path / c).is_dir()]
+        dtype = next((d for d in dtypes if d is not None), None)
+        kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+        pipe = DiffusionPipeline.from_pretrained(str(path), **kwargs)
         if hasattr(pipe, "set_progress_bar_config"):
             pipe.set_progress_bar_config(disable=True)
         return pipe
@@ -112,17 +135,19 @@ def load_base(model_path: str | os.PathLike, native: NativeAdapter):
     if len(comps) != 1:
         raise ConversionError(f"{path}: one model folder, but the adapter is for {comps}; give the pipeline folder")
     comp = comps[0]
+    dtype = stored_dtype(path)
+    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
     if comp.startswith("text_encoder"):
         from transformers import AutoModel
 
-        return AutoModel.from_pretrained(str(path))
+        return AutoModel.from_pretrained(str(path), **kwargs)
     import diffusers
 
     cls_name = json.loads((path / "config.json").read_text(encoding="utf-8")).get("_class_name", "")
     cls = getattr(diffusers, cls_name, None)
     if cls is None:
         raise ConversionError(f"{path}: unknown model class {cls_name!r} in config.json")
-    return cls.from_pretrained(str(path))
+    return cls.from_pretrained(str(path), **kwargs)
 
 
 def write_merged(native: NativeAdapter, model_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:

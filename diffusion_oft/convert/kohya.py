@@ -446,7 +446,8 @@ def native_to_kohya(native: NativeAdapter) -> dict[str, torch.Tensor]:
         if config.side != "output":
             raise ConversionError(
                 f"{where}: LyCORIS oft_blocks rotate the output side, and an input-side rotation cannot be rewritten "
-                "as output-side blocks; use --to diff (exact, read by ComfyUI and A1111) or train with side='output'"
+                "as output-side blocks; use --to lora or --to diff (read by ComfyUI and A1111), or train with "
+                "--side output (AdapterConfig(side='output'))"
             )
         if config.cayley_mode != "exact":
             raise ConversionError(
@@ -455,8 +456,9 @@ def native_to_kohya(native: NativeAdapter) -> dict[str, torch.Tensor]:
             )
         if config.magnitude and config.method == "oft":
             warn(
-                f"{where}: the per-output scale is written as LyCORIS 'rescale'; LyCORIS applies it, but the "
-                "ComfyUI and A1111 OFT loaders we checked ignore 'rescale' for 3-d oft_blocks (use --to diff there)"
+                f"{where}: the per-output scale is written as LyCORIS 'rescale'; LyCORIS and A1111 >= 1.9 apply it, "
+                "ComfyUI (0.3.6x) and A1111 < 1.9 ignore it for OFT (the result is then off there): use --to diff "
+                "or --to lora for those"
             )
         for path, params in native.layers(comp).items():
             name = kohya_name(comp, path, components)

@@ -73,6 +73,9 @@ def _add_adapter_args(p: argparse.ArgumentParser) -> None:
                    help="multiplicative block dropout of the adapter (default: boft 0.1, others 0)")
     g.add_argument("--cayley_mode", default="exact", choices=["exact", "neumann"],
                    help="Cayley transform of oft/boft: exact solve or Neumann series (OFTv2)")
+    g.add_argument("--side", default="input", choices=["input", "output"],
+                   help="which side of each weight the transform acts on: input (papers, PEFT; default) or output "
+                   "(kohya/LyCORIS: needed for `convert --to kohya`)")
     g.add_argument("--adapter_name", default="default", help="name of the adapter inside the file")
 
 
@@ -222,6 +225,7 @@ def adapter_config_from_args(args, targets=None, extra_targets=()):
         coft_eps=args.coft_eps,
         cayley_mode=args.cayley_mode,
         dropout=args.adapter_dropout,
+        side=getattr(args, "side", "input"),
     )
 
 
