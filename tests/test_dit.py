@@ -195,3 +195,18 @@ def test_generate_and_convert_commands_on_builtin_dit_models(builtin_cache, tmp_
     got = images(merged_pipe)
     assert (got - adapted).abs().max().item() <= 1e-4
     assert (got - base).abs().max().item() > 1e-3
+
+
+def test_flux_fuse_qkv_projections_is_refused_until_merged():
+    """FluxAttention is no diffusers `Attention` (its own AttentionModuleMixin class): fusing q/k/v copies
+    the frozen weights, so with unmerged adapters it would silently drop them."""
+    pipe = tiny_flux_pipeline()
+    add_random_adapters(pipe)
+    adapted = images(pipe)
+    with pytest.raises(RuntimeError, match="would drop the orthogonal adapters"):
+        pipe.transformer.fuse_qkv_projections()
+    assert not pipe.transformer.transformer_blocks[0].attn.fused_projections
+    merge_adapter(pipe)
+    pipe.transformer.fuse_qkv_projections()
+    assert pipe.transformer.transformer_blocks[0].attn.fused_projections
+    assert (images(pipe) - adapted).abs().max().item() <= 1e-4  # merge rounding only (see above)
