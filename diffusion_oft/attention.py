@@ -17,6 +17,13 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from .layers import OrthoLinear
 
+try:  # diffusers >= 0.35: attention classes of the newer models (FluxAttention, ...) are not `Attention`
+    from diffusers.models.attention import AttentionModuleMixin
+
+    _ATTENTION_CLASSES: tuple[type, ...] = (Attention, AttentionModuleMixin)
+except ImportError:  # pragma: no cover
+    _ATTENTION_CLASSES = (Attention,)
+
 
 class OrthoAttnProcessor(AttnProcessor2_0):
     """Scaled-dot-product attention with the adapted projections (behaves as AttnProcessor2_0)."""
@@ -47,15 +54,17 @@ def _has_unmerged_adapters(attn: torch.nn.Module) -> bool:
     return any(isinstance(m, OrthoLinear) and m._pending() for m in attn.modules())
 
 
-def _guarded_fuse_projections(self: Attention, fuse: bool = True) -> None:
-    """Replacement of ``Attention.fuse_projections`` on adapted modules: fusing would copy the
-    frozen weights without the adapters, so it is allowed only once they are merged."""
+def _guarded_fuse_projections(self: torch.nn.Module, *args, **kwargs) -> None:
+    """Replacement of ``fuse_projections`` on adapted modules (``Attention``'s takes ``fuse=True``,
+    ``AttentionModuleMixin``'s, e.g. FluxAttention's, nothing): fusing would copy the frozen weights
+    without the adapters, so it is allowed only once they are merged."""
+    fuse = args[0] if args else kwargs.get("fuse", True)
     if fuse and _has_unmerged_adapters(self):
         raise RuntimeError(
             "fuse_qkv_projections() would drop the orthogonal adapters on this attention module; "
             "call diffusion_oft.merge_adapter(model) first (or don't fuse)"
         )
-    type(self).fuse_projections(self, fuse)
+    type(self).fuse_projections(self, *args, **kwargs)
 
 
 def install_processors(model: torch.nn.Module) -> None:
@@ -63,9 +72,9 @@ def install_processors(model: torch.nn.Module) -> None:
     (others, e.g. IP-Adapter or user processors, are kept: the adapters still apply through the
     projections) and guard fuse_projections on adapted ones."""
     for module in model.modules():
-        if not isinstance(module, Attention):
+        if not isinstance(module, _ATTENTION_CLASSES):
             continue
-        if type(module.processor) is AttnProcessor2_0:
+        if isinstance(module, Attention) and type(module.processor) is AttnProcessor2_0:
             module.set_processor(OrthoAttnProcessor())
         if any(isinstance(m, OrthoLinear) for m in module.modules()):
             if getattr(module, "fused_projections", False):
@@ -78,7 +87,7 @@ def install_processors(model: torch.nn.Module) -> None:
 def uninstall_processors(model: torch.nn.Module) -> None:
     """Back to diffusers' stock SDPA processor; remove the fuse guard."""
     for module in model.modules():
-        if not isinstance(module, Attention):
+        if not isinstance(module, _ATTENTION_CLASSES):
             continue
         if isinstance(module.processor, OrthoAttnProcessor):
             module.set_processor(AttnProcessor2_0())

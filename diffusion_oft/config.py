@@ -9,6 +9,41 @@ from typing import Any
 
 METHODS = ("oft", "boft", "ether", "ether_plus")
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+# DiT (SD3 / SD3.5 MMDiT, FLUX.1) default targets: the joint attention's image projections and its text
+# ("context") projections.  In Flux's single blocks the same suffixes select their attention's to_q/k/v
+# (they have no to_out: attention and MLP share proj_out).  Widths: SD3 / SD3.5 Medium 1536, SD3.5 Large
+# 2432, FLUX.1 3072; all are divisible by the per-method defaults (OFT b=32, BOFT b=8, ETHER n=4).
+JOINT_ATTENTION_TARGETS = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "to_add_out",
+)
+# The feed-forward, for extra_target_modules: the image and text MLPs of joint blocks and the MLP input of
+# Flux's single blocks (proj_mlp).  Their shared attention + MLP output (proj_out) is left out: the suffix
+# "proj_out" also selects the transformer's final output projection.
+DIT_FEED_FORWARD_TARGETS = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp")
+# Default target_modules per model class (unknown classes: DEFAULT_TARGETS).
+DEFAULT_TARGETS_BY_MODEL: dict[str, tuple[str, ...]] = {
+    "UNet2DConditionModel": DEFAULT_TARGETS,
+    "ControlNetModel": DEFAULT_TARGETS,
+    "SD3Transformer2DModel": JOINT_ATTENTION_TARGETS,
+    "FluxTransformer2DModel": JOINT_ATTENTION_TARGETS,
+    "CLIPTextModel": ("q_proj", "k_proj", "v_proj", "out_proj"),
+    "CLIPTextModelWithProjection": ("q_proj", "k_proj", "v_proj", "out_proj"),
+}
+
+
+def default_target_modules(model: Any) -> tuple[str, ...]:
+    """The default ``target_modules`` for a model (or its class name): DEFAULT_TARGETS_BY_MODEL."""
+    name = model if isinstance(model, str) else type(getattr(model, "_orig_mod", model)).__name__
+    return DEFAULT_TARGETS_BY_MODEL.get(name, DEFAULT_TARGETS)
+
+
 # Per-method structure defaults (used when neither block_size nor num_blocks is given).
 DEFAULT_STRUCTURE: dict[str, dict[str, int]] = {
     "oft": {"block_size": 32},

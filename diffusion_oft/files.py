@@ -206,11 +206,19 @@ def one_line(err: BaseException | str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _resolve_component(target: Any, comp: str, n_components: int, component: str | None, name: str) -> nn.Module:
+def _resolve_component(
+    target: Any, comp: str, n_components: int, component: str | None, name: str, first_key: str | None = None
+) -> nn.Module:
     if is_pipeline(target):
         module = unwrap_compiled(getattr(target, comp, None))
         if not isinstance(module, nn.Module):
-            raise AdapterFileError(f"{name}: adapter is for component {comp!r}, which this pipeline does not have")
+            has = [c for c in COMPONENT_NAMES if isinstance(getattr(target, c, None), nn.Module)]
+            tensor = f"tensor {first_key!r} is" if first_key else "adapter is"
+            raise AdapterFileError(
+                f"{name}: {tensor} for component {comp!r}, which this {type(target).__name__} does not have "
+                f"(it has {', '.join(has) or 'none of ' + ', '.join(COMPONENT_NAMES)}); "
+                "the file was made for another base model"
+            )
         return module
     if n_components > 1 and component != comp:
         raise AdapterFileError(
@@ -267,7 +275,8 @@ def _load_tensors(
     plan = []
     remaining = set(tensors)
     for comp, config in configs.items():
-        module = _resolve_component(pipeline_or_model, comp, len(configs), component, name)
+        first_key = min((k for k in tensors if k.startswith(comp + ".")), default=None)
+        module = _resolve_component(pipeline_or_model, comp, len(configs), component, name, first_key)
         if adapter_name in adapter_configs(module):
             raise AdapterFileError(
                 f"{name}: the {comp} already has an adapter named {adapter_name!r}; use another adapter_name"

@@ -326,6 +326,12 @@ _UNET_CROSS_DIMS = {
     2048: "Stable Diffusion XL (UNet cross-attention width 2048)",
     32: "the built-in tiny test model (diffusion_oft.tiny, cross-attention width 32)",
 }
+_TRANSFORMER_WIDTHS = {
+    1536: "SD3 / SD3.5 Medium (transformer width 1536)",
+    2432: "SD3.5 Large (transformer width 2432)",
+    3072: "FLUX.1 (transformer width 3072)",
+    64: "the built-in tiny SD3 / Flux model (diffusion_oft.tiny, transformer width 64)",
+}
 _TEXT_WIDTHS = {
     "text_encoder": {768: "CLIP ViT-L/14 (SD 1.x, SDXL)", 1024: "OpenCLIP ViT-H/14 (SD 2.x)"},
     "text_encoder_2": {1280: "OpenCLIP ViT-bigG/14 (SDXL)"},
@@ -360,7 +366,9 @@ def base_model_hints(path: str | os.PathLike) -> dict[str, str]:
         width = None
         input_side = config.side == "input" or (config.method == "ether_plus" and config.ether_plus_two_sided)
         if input_side:
-            probe = ".attn2.to_k." if comp in ("unet", "controlnet") else ".self_attn.q_proj."
+            probe = {"unet": ".attn2.to_k.", "controlnet": ".attn2.to_k.", "transformer": ".attn.to_q."}.get(
+                comp, ".self_attn.q_proj."
+            )
             for key, tensor in tensors.items():
                 if key.startswith(comp + ".") and probe in key:
                     width = _input_width(key, tuple(tensor.shape))
@@ -368,6 +376,8 @@ def base_model_hints(path: str | os.PathLike) -> dict[str, str]:
                         break
         if comp in ("unet", "controlnet") and width:
             parts.append(_UNET_CROSS_DIMS.get(width, f"a UNet with cross-attention width {width}"))
+        elif comp == "transformer" and width:
+            parts.append(_TRANSFORMER_WIDTHS.get(width, f"a transformer of width {width}"))
         elif comp in _TEXT_WIDTHS and width:
             parts.append(_TEXT_WIDTHS[comp].get(width, f"a text encoder of width {width}"))
         info = base.get(comp, {})

@@ -52,7 +52,10 @@ def register(subparsers) -> None:
     )
     p.error = types.MethodType(_one_line_error, p)
     p.add_argument(
-        "--model", required=True, help="hub id or local folder of a diffusers pipeline, or builtin:tiny-sd (offline)"
+        "--model",
+        required=True,
+        help="hub id or local folder of a diffusers pipeline (SD 1.x/2.x, SDXL, SD3, Flux), or a built-in tiny "
+        "model (offline): builtin:tiny-sd, -sdxl, -sd3, -flux, -flux-schnell",
     )
     p.add_argument(
         "--adapter", action="append", default=[], metavar="FILE", help="adapter .safetensors (repeat to compose)"
