@@ -153,6 +153,11 @@ def dreambooth_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--train_text_encoder", action="store_true",
                    help="also put the adapter on the text encoder(s)' q/k/v/out projections")
     g.add_argument("--text_encoder_lr", type=float, default=None, help="default: --learning_rate")
+    g.add_argument("--no_cache_latents", dest="cache_latents", action="store_false",
+                   help="encode the images with the VAE at every step instead of once (the cache is on by default "
+                        "and gives the same latents; it is skipped by itself for random crops of non-square images)")
+    g.add_argument("--cache_latents", dest="cache_latents", action="store_true", default=True,
+                   help="diffusers' spelling; on by default")
     _add_adapter_args(p)
     _add_training_args(p)
     _add_validation_args(p)
