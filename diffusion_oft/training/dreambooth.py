@@ -109,7 +109,9 @@ class DreamBoothTrainer(AdapterTrainer):
         chunk = args.train_batch_size * (2 if args.with_prior_preservation else 1)
         cache = LatentCache(self.base.vae, dataset.pixels_of, args.resolution,
                             "center" if args.center_crop else "square", chunk_size=chunk)
-        return cache.build(dataset.all_images())
+        cache.build(dataset.all_images())
+        dataset.skip_pixels = True  # the steps read the cache, not the image files
+        return cache
 
     # ---- prior preservation ------------------------------------------------------------------------
     def prepare_class_images(self) -> list[Path]:
@@ -220,6 +222,8 @@ class DreamBoothTrainer(AdapterTrainer):
 
     def validation_grid(self, final: bool):
         args = self.args
+        if args.num_validation_images == 0:
+            return None
         pipe = inference_pipeline(self.base)
         rows, images = [], []
         for prompt in self.validation_prompts():
