@@ -124,7 +124,8 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
 def _add_validation_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("validation")
     g.add_argument("--validation_prompt", nargs="+", default=None, help="prompt(s) for validation images")
-    g.add_argument("--num_validation_images", type=int, default=4)
+    g.add_argument("--num_validation_images", type=int, default=4,
+                   help="images per validation prompt (0: none, and no samples.png at the end)")
     g.add_argument("--validation_steps", type=int, default=100, help="validate every N steps (and at the end)")
     g.add_argument("--num_inference_steps", type=int, default=25, help="denoising steps of validation images")
     g.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance of validation")
@@ -156,6 +157,11 @@ def dreambooth_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--train_text_encoder", action="store_true",
                    help="also put the adapter on the text encoder(s)' q/k/v/out projections")
     g.add_argument("--text_encoder_lr", type=float, default=None, help="default: --learning_rate")
+    g.add_argument("--no_cache_latents", dest="cache_latents", action="store_false",
+                   help="encode the images with the VAE at every step instead of once (the cache is on by default "
+                        "and gives the same latents; it is skipped by itself for random crops of non-square images)")
+    g.add_argument("--cache_latents", dest="cache_latents", action="store_true", default=True,
+                   help="diffusers' spelling; on by default")
     _add_adapter_args(p)
     _add_training_args(p)
     _add_validation_args(p)
@@ -262,8 +268,10 @@ def finalize_args(args, task: str = "dreambooth"):
     _check_positive(
         args, "resolution", "train_batch_size", "max_train_steps", "num_train_epochs", "checkpointing_steps",
         "checkpoints_total_limit", "gradient_accumulation_steps", "learning_rate", "validation_steps",
-        "num_validation_images", "num_inference_steps", "block_size", "num_blocks",
+        "num_inference_steps", "block_size", "num_blocks",
     )
+    if args.num_validation_images < 0:
+        raise ValueError(f"--num_validation_images must be >= 0 (0: no images), got {args.num_validation_images}")
     if args.resolution % 8:
         lo, hi = args.resolution // 8 * 8, args.resolution // 8 * 8 + 8
         raise ValueError(f"--resolution must be divisible by 8, got {args.resolution} (try {lo or hi} or {hi})")

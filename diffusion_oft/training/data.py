@@ -170,9 +170,38 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return max(len(self.instance_images), len(self.class_images))
 
+    skip_pixels = False  # True once the VAE latents are cached: items then carry no pixels (None)
+
     def _load(self, path: Path, rng: np.random.Generator) -> dict:
+        if self.skip_pixels:
+            meta = getattr(self, "_meta", {})
+            if path not in meta:  # fixed crops: the same sizes at every step, read once
+                item = self._load_pixels(path, rng)
+                meta[path] = {"original_size": item["original_size"], "crop_top_left": item["crop_top_left"]}
+                self._meta = meta
+            return {"pixels": None, **meta[path], "path": path}
+        return self._load_pixels(path, rng)
+
+    def _load_pixels(self, path: Path, rng: np.random.Generator) -> dict:
         crop, original, top_left = resize_and_crop(load_rgb(path), self.resolution, self.center_crop, rng)
-        return {"pixels": to_tensor(crop), "original_size": original, "crop_top_left": top_left}
+        return {"pixels": to_tensor(crop), "original_size": original, "crop_top_left": top_left, "path": path}
+
+    def all_images(self) -> list[Path]:
+        return [*self.instance_images, *self.class_images]
+
+    def crops_are_fixed(self) -> bool:
+        """Whether every image gives the same pixels at every step (center crop, or square images)."""
+        if self.center_crop:
+            return True
+        for path in self.all_images():
+            with Image.open(path) as img:
+                if img.size[0] != img.size[1]:  # EXIF rotation keeps a square square
+                    return False
+        return True
+
+    def pixels_of(self, path: Path) -> torch.Tensor:
+        """(3, H, W) in [-1, 1]: what ``__getitem__`` gives for ``path`` when ``crops_are_fixed()``."""
+        return to_tensor(resize_and_crop(load_rgb(path), self.resolution, True, None)[0])
 
     def __getitem__(self, key) -> dict:
         index, epoch = key if isinstance(key, tuple) else (key, 0)
@@ -194,10 +223,12 @@ def collate_dreambooth(examples: list[dict]) -> dict:
     if "class" in examples[0]:
         parts += [ex["class"] for ex in examples]
     return {
-        "pixel_values": torch.stack([p["pixels"] for p in parts]),
+        # None when the dataset skips the pixels (their VAE latents are cached)
+        "pixel_values": None if parts[0]["pixels"] is None else torch.stack([p["pixels"] for p in parts]),
         "original_sizes": [p["original_size"] for p in parts],
         "crop_top_lefts": [p["crop_top_left"] for p in parts],
         "num_instance": n_instance,
+        "image_paths": [p.get("path") for p in parts],
         "instance_captions": [p.get("caption") for p in parts[:n_instance]],  # None: --instance_prompt
         "class_captions": [p.get("caption") for p in parts[n_instance:]],  # None: --class_prompt
     }

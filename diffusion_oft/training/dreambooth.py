@@ -14,6 +14,7 @@ from ..config import AdapterConfig
 from ..model import add_adapter, count_adapter_parameters, find_targets, validate_targets
 from .args import TEXT_ENCODER_TARGETS, adapter_config_from_args, dreambooth_parser, finalize_args
 from .data import BadDataWarning, DreamBoothDataset, collate_dreambooth, list_images, mix_seed, sidecar_caption
+from .latents import LatentCache, scale_latents
 from .loop import ADAPTER_FILE, AdapterTrainer, cast_trainable_to_fp32, trainable_adapter_params
 from .loss import diffusion_loss, sample_noise, sample_timesteps, training_target
 from .models import encode_prompts, encode_prompts_cached, inference_pipeline, load_base_model, sdxl_time_ids, to_device
@@ -31,11 +32,7 @@ def check_fits(module: nn.Module, config: AdapterConfig, component: str) -> None
 def encode_latents(vae: nn.Module, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """VAE latents (sampled with ``generator``), shifted and scaled as the UNet expects."""
     dist = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
-    latents = dist.sample(generator=generator)
-    shift = getattr(vae.config, "shift_factor", None)
-    if shift is not None:
-        latents = latents - shift
-    return latents * vae.config.scaling_factor
+    return scale_latents(vae, dist.sample(generator=generator))
 
 
 def vae_dtype(base, args, weight_dtype: torch.dtype) -> torch.dtype:
@@ -98,6 +95,23 @@ class DreamBoothTrainer(AdapterTrainer):
                      f"the others use --instance_prompt {args.instance_prompt!r}")
         self.num_class_images = len(class_images or [])
         self._prompt_cache: dict[str, tuple] = {}
+        self.latent_cache = self.build_latent_cache()
+
+    def build_latent_cache(self) -> LatentCache | None:
+        """The VAE's output for every training image, when the crops do not change between steps."""
+        args, dataset = self.args, self.dataset
+        if not getattr(args, "cache_latents", True):
+            return None
+        if not dataset.crops_are_fixed():
+            self.log("VAE latents are encoded every step: random crops of non-square images differ at each step "
+                     "(--center_crop makes them cacheable)")
+            return None
+        chunk = args.train_batch_size * (2 if args.with_prior_preservation else 1)
+        cache = LatentCache(self.base.vae, dataset.pixels_of, args.resolution,
+                            "center" if args.center_crop else "square", chunk_size=chunk)
+        cache.build(dataset.all_images())
+        dataset.skip_pixels = True  # the steps read the cache, not the image files
+        return cache
 
     # ---- prior preservation ------------------------------------------------------------------------
     def prepare_class_images(self) -> list[Path]:
@@ -178,7 +192,11 @@ class DreamBoothTrainer(AdapterTrainer):
         args, base = self.args, self.base
         device, dtype = self.accelerator.device, self.weight_dtype
         with torch.no_grad():
-            latents = encode_latents(base.vae, batch["pixel_values"], generator).to(dtype)
+            if self.latent_cache is not None:  # same sample as encode_latents: same parameters, same generator
+                dist = self.latent_cache.distribution(batch["image_paths"])
+                latents = scale_latents(base.vae, dist.sample(generator=generator)).to(dtype)
+            else:
+                latents = encode_latents(base.vae, batch["pixel_values"], generator).to(dtype)
         noise = sample_noise(latents, generator, args.noise_offset)
         timesteps = sample_timesteps(latents.shape[0], base.noise_scheduler, generator, device)
         noisy = base.noise_scheduler.add_noise(latents, noise, timesteps)
@@ -204,6 +222,8 @@ class DreamBoothTrainer(AdapterTrainer):
 
     def validation_grid(self, final: bool):
         args = self.args
+        if args.num_validation_images == 0:
+            return None
         pipe = inference_pipeline(self.base)
         rows, images = [], []
         for prompt in self.validation_prompts():

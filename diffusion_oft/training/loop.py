@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..files import read_adapter_file, save_adapter
-from ..model import adapter_configs, adapter_parameters, apply_constraints, ortho_layers
+from ..model import adapter_configs, adapter_parameters, ortho_layers
 from .checkpoints import (
     check_output_dir,
     checkpoint_step,
@@ -48,6 +48,7 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf; training stopped without writing anything for that step."""
 
 ADAPTER_FILE = "adapter.safetensors"
+LOG_EVERY = 10  # steps between reads of the losses (host syncs); also before every checkpoint / validation
 
 
 def weight_dtype_of(mixed_precision: str | None) -> torch.dtype:
@@ -183,16 +184,55 @@ class AdapterTrainer:
 
     def check_finite(self, loss: torch.Tensor, micro: int) -> None:
         """Stop on a NaN / inf loss before it reaches the adapter: nothing of this step is written,
-        so the last checkpoint (and adapter file) stay the last good ones."""
+        so the last checkpoint (and adapter file) stay the last good ones.  (Reads the loss: a host sync.)"""
         if bool(torch.isfinite(loss.detach()).all()):
             return
+        self._raise_non_finite(float(loss.detach().float().mean()), self.global_step + 1, micro)
+
+    def _raise_non_finite(self, value: float, step: int, micro: int) -> None:
         found = [p.name for p in list_checkpoints(self.output_dir)]
         last = f"the last good checkpoint is {self.output_dir / found[-1]}" if found else "no checkpoint was saved yet"
         raise NonFiniteLossError(
-            f"non-finite loss ({float(loss.detach().float().mean())}) at step {self.global_step + 1} "
+            f"non-finite loss ({value}) at step {step} "
             f"(micro-batch {micro}): training stopped, nothing was written for this step; {last} "
             "(resume from it with --resume_from_checkpoint latest, e.g. with a lower --learning_rate)"
         )
+
+    def flush_logs(self, pending: list[dict], progress) -> None:
+        """Read the losses of the steps since the last flush (one host sync for all of them), stop on a
+        non-finite one, and log them.  Called before anything is written (checkpoints, validation, the
+        adapter), so a NaN step still leaves no file behind; ``pending`` is emptied."""
+        if not pending:
+            return
+        keys = sorted({k for entry in pending for k in entry["logs"]})
+        # (steps, keys) on the device; missing parts (e.g. no prior loss) as NaN placeholders, then dropped
+        device = self.accelerator.device
+        values = torch.stack([
+            torch.stack([torch.as_tensor(entry["logs"].get(k, float("nan")), dtype=torch.float32, device=device)
+                         for k in keys])
+            for entry in pending
+        ])
+        micro_losses = [(entry, micro, loss) for entry in pending for micro, loss in entry["micro_losses"]]
+        # per micro-batch: (loss value as float32, 1 if not finite); the mean keeps a NaN / inf visible
+        checks = torch.stack([torch.stack([loss.float().mean(), (~torch.isfinite(loss)).any().float()])
+                              for _, _, loss in micro_losses]).to(device)
+        if self.accelerator.num_processes > 1:
+            loss_col = keys.index("loss")
+            values[:, loss_col] = self.accelerator.reduce(values[:, loss_col].contiguous(), "mean")
+            checks[:, 1] = self.accelerator.reduce(checks[:, 1].contiguous(), "sum")  # any rank's NaN stops all
+        rows, checks = values.tolist(), checks.tolist()  # the one host sync
+        entries = list(pending)
+        pending.clear()
+        for (entry, micro, _), (value, bad) in zip(micro_losses, checks, strict=True):
+            if bad:
+                self._raise_non_finite(value, entry["step"], micro)
+        for entry, row in zip(entries, rows, strict=True):
+            logs = {k: v for k, v in zip(keys, row, strict=True) if k in entry["logs"]}
+            logs["lr"] = entry["lr"]
+            self.history.append({"step": entry["step"], **logs})
+            self.accelerator.log(logs, step=entry["step"])
+        last = self.history[-1]
+        progress.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}")
 
     # ---- the run -----------------------------------------------------------------------------------
     def build_accelerator(self):
@@ -311,50 +351,68 @@ class AdapterTrainer:
             module.train()
         self.set_train_mode(True)
         clip_params = [p for g in groups for p in g["params"]]
-        step_logs: dict[str, float] = {}
-        for offset, batch in enumerate(dataloader):
-            micro = start_batch + offset
-            sync = (micro + 1) % accum == 0
-            seed = mix_seed(args.seed, micro, accelerator.process_index)
-            torch.manual_seed(mix_seed(args.seed, micro, accelerator.process_index, 1))
-            generator = torch.Generator().manual_seed(seed)
-            with contextlib.ExitStack() as stack:
-                if not sync and world > 1:
-                    for module in self.prepared_modules:
-                        stack.enter_context(accelerator.no_sync(module))
-                loss, logs = self.compute_loss(batch, generator)
-                self.check_finite(loss, micro)
-                accelerator.backward(loss / accum)
-            for k, v in logs.items():
-                step_logs[k] = step_logs.get(k, 0.0) + v / accum
-            if not sync:
-                continue
-            if args.max_grad_norm and args.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(clip_params, args.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            for module in self.adapted_components().values():
-                apply_constraints(module)
-            self.global_step += 1
-            lr = lr_scheduler.get_last_lr()[0]
-            if world > 1:
-                reduced = accelerator.reduce(torch.tensor(step_logs["loss"], device=accelerator.device), "mean")
-                step_logs["loss"] = float(reduced)
-            step_logs["lr"] = lr
-            self.history.append({"step": self.global_step, **step_logs})
-            progress.update(1)
-            progress.set_postfix(loss=f"{step_logs['loss']:.4f}", lr=f"{lr:.2e}")
-            accelerator.log(step_logs, step=self.global_step)
-            step_logs = {}
-            if self.global_step % args.checkpointing_steps == 0 and self.global_step < args.max_train_steps:
-                self.save_checkpoint()
-            if (
-                self.wants_validation()
-                and self.global_step % args.validation_steps == 0
-                and self.global_step < args.max_train_steps
-            ):
-                self.validate(final=False)
+        # the adapters' post-step projections (COFT), listed once: walking the modules costs ms per step
+        adapters = [m for comp in self.adapted_components().values() for layer in ortho_layers(comp)
+                    for m in layer.ortho_adapters.values()]
+        # Nothing in the step reads a tensor back to the host: the losses and the finiteness flag stay on the
+        # device and are read every LOG_EVERY steps and before anything is written (flush_logs).
+        step_logs: dict[str, torch.Tensor] = {}
+        micro_losses: list[tuple[int, torch.Tensor]] = []
+        pending: list[dict] = []
+        try:
+            for offset, batch in enumerate(dataloader):
+                micro = start_batch + offset
+                sync = (micro + 1) % accum == 0
+                seed = mix_seed(args.seed, micro, accelerator.process_index)
+                torch.manual_seed(mix_seed(args.seed, micro, accelerator.process_index, 1))
+                generator = torch.Generator().manual_seed(seed)
+                with contextlib.ExitStack() as stack:
+                    if not sync and world > 1:
+                        for module in self.prepared_modules:
+                            stack.enter_context(accelerator.no_sync(module))
+                    loss, logs = self.compute_loss(batch, generator)
+                    micro_losses.append((micro, loss.detach()))
+                    accelerator.backward(loss / accum)
+                for k, v in logs.items():
+                    v = v.detach() if isinstance(v, torch.Tensor) else v
+                    step_logs[k] = step_logs[k] + v / accum if k in step_logs else v / accum
+                if not sync:
+                    continue
+                if args.max_grad_norm and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(clip_params, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                with torch.no_grad():  # = apply_constraints on every adapted component
+                    for method in adapters:
+                        method.constrain_()
+                self.global_step += 1
+                pending.append({"step": self.global_step, "micro_losses": micro_losses, "logs": step_logs,
+                                "lr": lr_scheduler.get_last_lr()[0]})
+                step_logs, micro_losses = {}, []
+                progress.update(1)
+                checkpoint = (
+                    self.global_step % args.checkpointing_steps == 0 and self.global_step < args.max_train_steps
+                )
+                validation = (
+                    self.wants_validation()
+                    and self.global_step % args.validation_steps == 0
+                    and self.global_step < args.max_train_steps
+                )
+                if checkpoint or validation or self.global_step % LOG_EVERY == 0:
+                    self.flush_logs(pending, progress)
+                if checkpoint:
+                    self.save_checkpoint()
+                if validation:
+                    self.validate(final=False)
+            self.flush_logs(pending, progress)
+        except NonFiniteLossError:
+            raise
+        except Exception:
+            # an op may fail on the NaNs of a step not read yet: report the NaN, not its consequence
+            if pending:
+                self.flush_logs(pending, progress)
+            raise
         progress.close()
         accelerator.wait_for_everyone()
         self.set_train_mode(False)

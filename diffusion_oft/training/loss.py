@@ -57,13 +57,14 @@ def diffusion_loss(
     snr_gamma: float | None = None,
     num_instance: int | None = None,
     prior_loss_weight: float = 1.0,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """The loss and its parts. With ``num_instance`` < batch the rest of the batch are class images
-    (prior preservation): loss = instance loss + prior_loss_weight * plain MSE on the class images."""
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss and its parts (detached, on the device: reading them is left to the caller).  With
+    ``num_instance`` < batch the rest of the batch are class images (prior preservation):
+    loss = instance loss + prior_loss_weight * plain MSE on the class images."""
     if num_instance is None or num_instance >= pred.shape[0]:
         loss = weighted_mse(pred, target, timesteps, scheduler, snr_gamma)
-        return loss, {"loss": loss.item()}
+        return loss, {"loss": loss.detach()}
     inst = weighted_mse(pred[:num_instance], target[:num_instance], timesteps[:num_instance], scheduler, snr_gamma)
     prior = F.mse_loss(pred[num_instance:].float(), target[num_instance:].float(), reduction="mean")
     loss = inst + prior_loss_weight * prior
-    return loss, {"loss": loss.item(), "instance_loss": inst.item(), "prior_loss": prior.item()}
+    return loss, {"loss": loss.detach(), "instance_loss": inst.detach(), "prior_loss": prior.detach()}
