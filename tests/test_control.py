@@ -331,3 +331,54 @@ def test_control_user_errors(tmp_path, capsys):
     assert "no metadata.jsonl" in capsys.readouterr().err.strip().splitlines()[-1]
     assert cli_main(["train", "control", "--pretrained_model_name_or_path", "x"]) == 2
     assert "give --train_data_dir" in capsys.readouterr().err
+
+
+# ---- the control recipe: timesteps, loss space, toy-world scores -------------------------------------
+def test_cubic_timesteps_and_v_space_loss():
+    from diffusers import DDPMScheduler
+
+    from diffusion_oft.training.loss import diffusion_loss, sample_timesteps
+
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    g = torch.Generator().manual_seed(0)
+    t = sample_timesteps(20000, sched, g, "cpu", "cubic")
+    assert t.min() >= 0 and t.max() <= 999
+    assert abs((t >= 500).float().mean().item() - 0.5 ** (1 / 3)) < 0.01  # P(u^3 <= 1/2) = 0.794
+    assert torch.equal(sample_timesteps(8, sched, torch.Generator().manual_seed(1), "cpu"),
+                       torch.randint(0, 1000, (8,), generator=torch.Generator().manual_seed(1)))  # uniform as before
+    with pytest.raises(ValueError, match="unknown timestep bias"):
+        sample_timesteps(2, sched, g, "cpu", "cosine")
+    # v-space loss of an epsilon model = MSE between the v's the predictions imply and the true v
+    x0, noise, eps_hat = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g), torch.randn(
+        4, 4, 8, 8, generator=g)
+    t = torch.tensor([0, 300, 700, 999])
+    ab = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
+    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+    x0_hat = (x_t - (1 - ab).sqrt() * eps_hat) / ab.sqrt()
+    v_true, v_hat = ab.sqrt() * noise - (1 - ab).sqrt() * x0, ab.sqrt() * eps_hat - (1 - ab).sqrt() * x0_hat
+    loss, _ = diffusion_loss(eps_hat, noise, t, sched, loss_space="v")
+    assert torch.allclose(loss, ((v_hat - v_true) ** 2).mean(), rtol=1e-4)  # float32 round-off of x0_hat
+    with pytest.raises(ValueError, match="not both"):
+        diffusion_loss(eps_hat, noise, t, sched, snr_gamma=5.0, loss_space="v")
+
+
+def test_toyworld_control_scores():
+    from diffusion_oft.toyworld import world
+    from diffusion_oft.toyworld.evaluate import _score_control, control_eval_examples, hand_drawn_examples
+    from diffusion_oft.toyworld.judge import box_iou
+
+    assert box_iou((0, 0, 10, 10), (0, 0, 10, 10)) == 1.0
+    assert box_iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(1 / 3)
+    assert box_iou(None, (0, 0, 1, 1)) == 0.0
+    hand = hand_drawn_examples(6)
+    assert [s.shape for _, _, s in hand] == ["square", "circle", "triangle"] * 2
+    for cond, caption, scene in hand:  # plain outlines: white pixels on the scene's box border
+        edges = np.asarray(cond.convert("L")) > 127
+        ys, xs = np.nonzero(edges)
+        assert box_iou((xs.min(), ys.min(), xs.max() + 1, ys.max() + 1), scene.bbox()) > 0.9
+        assert scene.shape in caption and scene.colour in caption
+    held = control_eval_examples(4)
+    perfect = _score_control([world.render(s) for _, _, s in held], held)
+    assert perfect["followed"] == 1.0 and perfect["colour_kept"] == 1.0 and perfect["edge_f1"] > 0.9
+    shifted = [world.render(world.Scene(s.shape, s.colour, s.background, s.size // 2, 12, 12)) for _, _, s in held]
+    assert _score_control(shifted, held)["box_iou"] < perfect["box_iou"]
