@@ -1,10 +1,13 @@
 """Controllable generation with orthogonal adapters: the condition encoder and the ``conv_in`` hook.
 
 The OFT/BOFT control setup: a small trainable condition encoder (ControlNet's hint encoder: convs
-3→16→16→32→32→96→96→256→<first UNet width> with SiLU, the last conv zero-initialised) turns the
-condition image into features at the latent resolution, which are added once to the output of the
-UNet's ``conv_in``; orthogonal adapters on the UNet's attention learn to use them.  Zero init means
-the model starts exactly as the base model.
+3→16→16→32→32→96→96→256 with SiLU) turns the condition image into features at the latent resolution,
+added to the output of the UNet's ``conv_in``; format 2 adds, T2I-Adapter-like, one more feature map
+after each of the UNet's downsamplers (a stride-2 conv of the encoder per resolution), so the coarse
+layers that decide the layout see the condition directly.  Every output conv is zero-initialised, so
+the model starts exactly as the base model; orthogonal adapters on the UNet's attention learn to use
+the features.  (Measured on the toy world: added at ``conv_in`` only, 600 steps gave no following at
+all — 2/12 held-out outlines followed, as the base model; at every resolution 9/12.)
 
 Files: the adapter is a normal diffusion-oft adapter file (``adapter.safetensors``); the encoder goes
 next to it in ``condition_encoder.safetensors`` (tensors + its config in the metadata, and the
@@ -28,6 +31,7 @@ from torch import nn
 
 ENCODER_FILE = "condition_encoder.safetensors"
 ENCODER_FORMAT = "diffusion-oft-condition-encoder"
+ENCODER_FORMAT_VERSION = "2"  # 1: conv_in only (no downs/heads, forward returned one tensor)
 HINT_CHANNELS = (16, 32, 96, 256)  # ControlNet's conditioning_embedding_out_channels
 
 
@@ -42,10 +46,13 @@ def default_channels(downscale_factor: int) -> tuple[int, ...]:
 
 
 class ConditionEncoder(ModelMixin, ConfigMixin):
-    """Condition image (B, C, H, W) in [0, 1] -> features (B, out_channels, H/f, W/f), f = downscale_factor.
+    """Condition image (B, C, H, W) in [0, 1] -> a list of features: (B, out_channels, H/f, W/f) for
+    ``conv_in`` (f = downscale_factor), then (B, down_channels[i], H/(f 2^(i+1)), ...) per downsampler.
 
     Layout (f = 8, SD): conv 3→16, then per stage a conv c→c and a stride-2 conv c→c', all 3×3 with
-    SiLU (16→16→32→32→96→96→256), then a zero-initialised 3×3 conv to ``out_channels``.
+    SiLU (16→16→32→32→96→96→256), then a zero-initialised 3×3 conv to ``out_channels``; per entry of
+    ``down_channels`` a stride-2 3×3 conv c→c with SiLU (``downs``) and a zero-initialised 3×3 conv to
+    that width (``heads``).
     """
 
     @register_to_config
@@ -55,6 +62,7 @@ class ConditionEncoder(ModelMixin, ConfigMixin):
         conditioning_channels: int = 3,
         downscale_factor: int = 8,
         block_out_channels: tuple[int, ...] | None = None,
+        down_channels: tuple[int, ...] = (),
     ):
         super().__init__()
         channels = tuple(block_out_channels or default_channels(downscale_factor))
@@ -68,66 +76,115 @@ class ConditionEncoder(ModelMixin, ConfigMixin):
         for c_in, c_out in zip(channels[:-1], channels[1:], strict=True):
             self.blocks.append(nn.Conv2d(c_in, c_in, 3, padding=1))
             self.blocks.append(nn.Conv2d(c_in, c_out, 3, padding=1, stride=2))
-        self.conv_out = nn.Conv2d(channels[-1], out_channels, 3, padding=1)
-        nn.init.zeros_(self.conv_out.weight)
-        nn.init.zeros_(self.conv_out.bias)
+        self.conv_out = _zero_conv(channels[-1], out_channels)
+        self.downs = nn.ModuleList(nn.Conv2d(channels[-1], channels[-1], 3, padding=1, stride=2)
+                                   for _ in down_channels)
+        self.heads = nn.ModuleList(_zero_conv(channels[-1], c) for c in down_channels)
 
-    def forward(self, condition: torch.Tensor) -> torch.Tensor:
+    def forward(self, condition: torch.Tensor) -> list[torch.Tensor]:
         x = nn.functional.silu(self.conv_in(condition.to(self.conv_in.weight.dtype)))
         for conv in self.blocks:
             x = nn.functional.silu(conv(x))
-        return self.conv_out(x)
+        features = [self.conv_out(x)]
+        for down, head in zip(self.downs, self.heads, strict=True):
+            x = nn.functional.silu(down(x))
+            features.append(head(x))
+        return features
 
 
-def condition_encoder_for(unet: nn.Module, vae_scale_factor: int, **kwargs) -> ConditionEncoder:
-    """An encoder whose output fits ``unet``'s conv_in (first block width) at the latent resolution."""
-    return ConditionEncoder(out_channels=unet.config.block_out_channels[0], downscale_factor=vae_scale_factor, **kwargs)
+def _zero_conv(c_in: int, c_out: int) -> nn.Conv2d:
+    conv = nn.Conv2d(c_in, c_out, 3, padding=1)
+    nn.init.zeros_(conv.weight)
+    nn.init.zeros_(conv.bias)
+    return conv
+
+
+def injection_points(unet: nn.Module) -> list[nn.Module]:
+    """Where the features are added: ``conv_in``, then each down block's downsampler (fine to coarse)."""
+    if not hasattr(unet, "conv_in"):
+        raise ValueError(f"{type(unet).__name__} has no conv_in; expected a UNet2DConditionModel")
+    return [unet.conv_in] + [b.downsamplers[0] for b in unet.down_blocks if getattr(b, "downsamplers", None)]
+
+
+def downsampler_channels(unet: nn.Module) -> tuple[int, ...]:
+    """Output width of each down block's downsampler (SD 1.5: 320, 640, 1280; the toy model: 32, 64)."""
+    return tuple(int(c) for b, c in zip(unet.down_blocks, unet.config.block_out_channels, strict=True)
+                 if getattr(b, "downsamplers", None))
+
+
+def condition_encoder_for(
+    unet: nn.Module, vae_scale_factor: int, injection: str = "multiscale", **kwargs
+) -> ConditionEncoder:
+    """An encoder that fits ``unet``: features for conv_in (first block width) at the latent resolution
+    and, with ``injection="multiscale"`` (default), for each downsampler; ``"conv_in"``: conv_in only."""
+    if injection not in INJECTIONS:
+        raise ValueError(f"unknown control injection {injection!r}; choose one of {', '.join(INJECTIONS)}")
+    down = downsampler_channels(unet) if injection == "multiscale" else ()
+    return ConditionEncoder(out_channels=unet.config.block_out_channels[0], downscale_factor=vae_scale_factor,
+                            down_channels=down, **kwargs)
+
+
+INJECTIONS = ("multiscale", "conv_in")
 
 
 # ---- the conv_in hook -------------------------------------------------------------------------------
 class ControlState:
-    """What the hook adds: ``features`` (B, C, h, w) times ``scale``; nothing while features is None."""
+    """What the hooks add: ``features`` (the encoder's list: conv_in's (B, C, h, w), then one per
+    downsampler; a single tensor counts as conv_in's) times ``scale``; nothing while features is None."""
 
     def __init__(self):
-        self.features: torch.Tensor | None = None
+        self.features: list[torch.Tensor] | torch.Tensor | None = None
         self.scale: float = 1.0
-        self.handle = None
+        self.handles: list = []
 
 
 def attach_control(unet: nn.Module) -> ControlState:
-    """Install (once) the forward hook on ``unet.conv_in`` that adds the control features."""
+    """Install (once) the forward hooks on ``unet.conv_in`` and the downsamplers that add the features."""
     state = getattr(unet, "_ortho_control", None)
     if state is not None:
         return state
-    if not hasattr(unet, "conv_in"):
-        raise ValueError(f"{type(unet).__name__} has no conv_in; expected a UNet2DConditionModel")
+    points = injection_points(unet)
     state = ControlState()
 
-    def hook(module, inputs, output):
-        feats = state.features
-        if feats is None or state.scale == 0:
-            return output
-        if feats.shape[-2:] != output.shape[-2:] or feats.shape[1] != output.shape[1]:
-            raise ValueError(
-                f"control features {tuple(feats.shape[1:])} do not fit conv_in's output {tuple(output.shape[1:])}: "
-                "the condition image must have the size of the generated image"
-            )
-        if feats.shape[0] != output.shape[0]:
-            if output.shape[0] % feats.shape[0]:
-                raise ValueError(f"control batch {feats.shape[0]} does not divide the UNet batch {output.shape[0]}")
-            # classifier-free guidance: the same condition for both branches
-            feats = feats.repeat(output.shape[0] // feats.shape[0], 1, 1, 1)
-        return output + state.scale * feats.to(output.dtype)
+    def make_hook(index: int, name: str):
+        def hook(module, inputs, output):
+            feats = state.features
+            if feats is None or state.scale == 0:
+                return output
+            feats = [feats] if isinstance(feats, torch.Tensor) else feats
+            if index >= len(feats):
+                return output
+            return output + state.scale * _fit(feats[index], output, name)
 
-    state.handle = unet.conv_in.register_forward_hook(hook)
+        return hook
+
+    names = ["conv_in"] + [f"downsampler {i}" for i in range(1, len(points))]
+    state.handles = [m.register_forward_hook(make_hook(i, n)) for i, (m, n) in enumerate(zip(points, names,
+                                                                                             strict=True))]
     object.__setattr__(unet, "_ortho_control", state)
     return state
+
+
+def _fit(feats: torch.Tensor, output: torch.Tensor, name: str) -> torch.Tensor:
+    """``feats`` checked against a hooked module's output, repeated over classifier-free guidance's batch."""
+    if feats.shape[-2:] != output.shape[-2:] or feats.shape[1] != output.shape[1]:
+        raise ValueError(
+            f"control features {tuple(feats.shape[1:])} do not fit {name}'s output {tuple(output.shape[1:])}: "
+            "the condition image must have the size of the generated image"
+        )
+    if feats.shape[0] != output.shape[0]:
+        if output.shape[0] % feats.shape[0]:
+            raise ValueError(f"control batch {feats.shape[0]} does not divide the UNet batch {output.shape[0]}")
+        # classifier-free guidance: the same condition for both branches
+        feats = feats.repeat(output.shape[0] // feats.shape[0], 1, 1, 1)
+    return feats.to(output.dtype)
 
 
 def detach_control(unet: nn.Module) -> None:
     state = getattr(unet, "_ortho_control", None)
     if state is not None:
-        state.handle.remove()
+        for handle in state.handles:
+            handle.remove()
         object.__delattr__(unet, "_ortho_control")
 
 
@@ -170,7 +227,7 @@ def save_condition_encoder(
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in encoder.state_dict().items()}
     metadata = {
         "format": ENCODER_FORMAT,
-        "format_version": "1",
+        "format_version": ENCODER_FORMAT_VERSION,
         "config": json.dumps({k: v for k, v in encoder.config.items() if not k.startswith("_")}, default=list),
         **(extra_metadata or {}),
     }
@@ -192,9 +249,16 @@ def load_condition_encoder(path: str | os.PathLike) -> tuple[ConditionEncoder, d
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     if metadata.get("format") != ENCODER_FORMAT:
         raise ValueError(f"{path.name}: not a diffusion-oft condition encoder (format={metadata.get('format')!r})")
+    version = metadata.get("format_version")
+    if version != ENCODER_FORMAT_VERSION:
+        raise ValueError(
+            f"{path.name}: condition encoder format {version}, this diffusion-oft reads format "
+            f"{ENCODER_FORMAT_VERSION} (features at every UNet resolution); retrain with `diffusion-oft train control`"
+        )
     config = json.loads(metadata["config"])
-    if config.get("block_out_channels") is not None:
-        config["block_out_channels"] = tuple(config["block_out_channels"])
+    for key in ("block_out_channels", "down_channels"):
+        if config.get(key) is not None:
+            config[key] = tuple(config[key])
     encoder = ConditionEncoder(**config)
     missing, unexpected = encoder.load_state_dict(tensors, strict=False)
     if missing or unexpected:
@@ -262,6 +326,9 @@ def load_paired_encoder(
                 f"{enc_path.name}: encoder width {encoder.config.out_channels} does not fit this UNet's conv_in "
                 f"({unet.config.block_out_channels[0]})"
             )
+        down, fits = tuple(encoder.config.down_channels), downsampler_channels(unet)
+        if down and down != fits[: len(down)]:
+            raise ValueError(f"{enc_path.name}: encoder widths {down} do not fit this UNet's downsamplers {fits}")
         encoder = encoder.to(unet.device)
     return encoder
 

@@ -20,6 +20,7 @@ from diffusion_oft.control import (
     ControlledUNet,
     attach_control,
     condition_encoder_for,
+    detach_control,
     load_control,
     save_control,
 )
@@ -56,23 +57,58 @@ def make_control_folder(folder: Path, n: int = 6) -> Path:
 # ---- unit ------------------------------------------------------------------------------------------
 def test_encoder_shapes_and_zero_init_changes_nothing():
     enc = ConditionEncoder(out_channels=320, downscale_factor=8)
-    assert enc(torch.rand(1, 3, 64, 64)).shape == (1, 320, 8, 8)
+    assert [f.shape for f in enc(torch.rand(1, 3, 64, 64))] == [(1, 320, 8, 8)]
     assert [c.out_channels for c in enc.blocks] == [16, 32, 32, 96, 96, 256]  # ControlNet's hint encoder
+    sd = ConditionEncoder(out_channels=320, downscale_factor=8, down_channels=(320, 640, 1280))
+    assert [tuple(f.shape) for f in sd(torch.rand(1, 3, 64, 64))] == [
+        (1, 320, 8, 8), (1, 320, 4, 4), (1, 640, 2, 2), (1, 1280, 1, 1)]  # SD 1.5: conv_in + 3 downsamplers
     unet = tiny_unet().eval()
     small = condition_encoder_for(unet, vae_scale_factor=2)
+    assert small.config.down_channels == (32,)  # the tiny UNet has one downsampler
     g = torch.Generator().manual_seed(0)
     sample, text = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 32, generator=g)
     cond = torch.rand(2, 3, 16, 16, generator=g)
     with torch.no_grad():
         plain = unet(sample, 10, text).sample
         controlled = ControlledUNet(unet, small)(sample, 10, text, cond).sample
-    assert torch.equal(plain, controlled)  # zero conv: the base model exactly
+    assert torch.equal(plain, controlled)  # zero convs: the base model exactly
+    for head in (small.conv_out, small.heads[0]):  # each injection point alone moves the output
+        with torch.no_grad():
+            head.weight.normal_()
+            changed = ControlledUNet(unet, small)(sample, 10, text, cond).sample
+            again = unet(sample, 10, text).sample  # features are cleared after each call
+            head.weight.zero_()
+        assert not torch.allclose(plain, changed)
+        assert torch.equal(plain, again)
+
+
+def test_injection_only_through_the_encoder():
+    """The hooks add exactly scale * features at conv_in and the downsampler, nothing else."""
+    unet = tiny_unet().eval()
+    enc = condition_encoder_for(unet, vae_scale_factor=2)
     with torch.no_grad():
-        small.conv_out.weight.normal_()
-        changed = ControlledUNet(unet, small)(sample, 10, text, cond).sample
-        again = unet(sample, 10, text).sample  # features are cleared after each call
-    assert not torch.allclose(plain, changed)
-    assert torch.equal(plain, again)
+        for p in enc.parameters():
+            p.normal_(0, 0.1)
+    g = torch.Generator().manual_seed(1)
+    sample, text, cond = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 5, 32, generator=g), torch.rand(
+        1, 3, 16, 16, generator=g)
+    with torch.no_grad():
+        feats = enc(cond)
+        state = attach_control(unet)
+        state.features, state.scale = feats, 0.5
+        out_scaled = unet(sample, 10, text).sample
+        state.features, state.scale = None, 1.0
+    # a UNet whose conv_in / downsampler outputs get + 0.5 * features by hand gives the same sample
+    with torch.no_grad():
+        detach_control(unet)
+        h1 = unet.conv_in.register_forward_hook(lambda m, i, o: o + 0.5 * feats[0])
+        h2 = unet.down_blocks[0].downsamplers[0].register_forward_hook(lambda m, i, o: o + 0.5 * feats[1])
+        by_hand = unet(sample, 10, text).sample
+        h1.remove()
+        h2.remove()
+        assert torch.equal(out_scaled, by_hand)
+        assert torch.equal(unet(sample, 10, text).sample, ControlledUNet(unet, enc)(
+            sample, 10, text, cond, control_scale=0.0).sample)  # scale 0: the base model bit for bit
 
 
 def test_hook_repeats_features_for_guidance_batches():
@@ -135,6 +171,38 @@ def test_save_load_pairing(tmp_path):
         load_control(tiny_unet(), tmp_path / "c")
 
 
+def test_encoder_round_trip_and_old_format_refused(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from diffusion_oft.control import load_condition_encoder, save_condition_encoder
+
+    unet = tiny_unet()
+    enc = condition_encoder_for(unet, 2)
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.normal_()
+    path = save_condition_encoder(enc, tmp_path / "condition_encoder.safetensors")
+    loaded, meta = load_condition_encoder(path)
+    assert meta["format_version"] == "2" and loaded.config.down_channels == (32,)
+    assert loaded.state_dict().keys() == enc.state_dict().keys()
+    for k, v in enc.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    cond = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(enc(cond), loaded(cond), strict=True))
+    # a format-1 file (conv_in only): refused with what to do
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys() if not k.startswith(("downs.", "heads."))}
+    meta["format_version"] = "1"
+    meta["config"] = json.dumps({k: v for k, v in json.loads(meta["config"]).items() if k != "down_channels"})
+    save_file(tensors, str(tmp_path / "old.safetensors"), meta)
+    with pytest.raises(ValueError, match=r"format 1, this diffusion-oft reads format 2 .*retrain with `diffusion-oft "
+                       r"train control`"):
+        load_condition_encoder(tmp_path / "old.safetensors")
+
+
 # ---- end to end ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def control_run(tmp_path_factory):
@@ -162,7 +230,7 @@ def test_control_training_outputs_and_pipeline(control_run):
                  "checkpoint-10/condition_encoder.safetensors", "validation/validation-000010.png"):
         assert (out / name).is_file(), name
     enc = read_tensors(out / "condition_encoder.safetensors")
-    assert enc["conv_out.weight"].abs().sum() > 0  # the zero conv learned
+    assert enc["conv_out.weight"].abs().sum() > 0 and enc["heads.0.weight"].abs().sum() > 0  # zero convs learned
     pipe = OrthoStableDiffusionControlPipeline.from_pretrained(model, control=out)
     pipe.set_progress_bar_config(disable=True)
     cond = Image.open(data / "cond_1.png")
@@ -172,7 +240,7 @@ def test_control_training_outputs_and_pipeline(control_run):
     off = pipe("a yellow square", image=cond, control_scale=0.0, generator=torch.Generator().manual_seed(0),
                **kw).images
     assert np.abs(with_cond - without).mean() > 1e-4
-    assert np.allclose(off, without, atol=1e-6)  # scale 0 = no condition
+    assert np.array_equal(off, without)  # scale 0 = the base model, bit for bit
     window = pipe("a yellow square", image=cond, control_guidance_end=0.5,
                   generator=torch.Generator().manual_seed(0), **kw).images
     assert np.abs(window - with_cond).mean() > 0 and np.abs(window - without).mean() > 0
@@ -263,3 +331,54 @@ def test_control_user_errors(tmp_path, capsys):
     assert "no metadata.jsonl" in capsys.readouterr().err.strip().splitlines()[-1]
     assert cli_main(["train", "control", "--pretrained_model_name_or_path", "x"]) == 2
     assert "give --train_data_dir" in capsys.readouterr().err
+
+
+# ---- the control recipe: timesteps, loss space, toy-world scores -------------------------------------
+def test_cubic_timesteps_and_v_space_loss():
+    from diffusers import DDPMScheduler
+
+    from diffusion_oft.training.loss import diffusion_loss, sample_timesteps
+
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    g = torch.Generator().manual_seed(0)
+    t = sample_timesteps(20000, sched, g, "cpu", "cubic")
+    assert t.min() >= 0 and t.max() <= 999
+    assert abs((t >= 500).float().mean().item() - 0.5 ** (1 / 3)) < 0.01  # P(u^3 <= 1/2) = 0.794
+    assert torch.equal(sample_timesteps(8, sched, torch.Generator().manual_seed(1), "cpu"),
+                       torch.randint(0, 1000, (8,), generator=torch.Generator().manual_seed(1)))  # uniform as before
+    with pytest.raises(ValueError, match="unknown timestep bias"):
+        sample_timesteps(2, sched, g, "cpu", "cosine")
+    # v-space loss of an epsilon model = MSE between the v's the predictions imply and the true v
+    x0, noise, eps_hat = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g), torch.randn(
+        4, 4, 8, 8, generator=g)
+    t = torch.tensor([0, 300, 700, 999])
+    ab = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
+    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+    x0_hat = (x_t - (1 - ab).sqrt() * eps_hat) / ab.sqrt()
+    v_true, v_hat = ab.sqrt() * noise - (1 - ab).sqrt() * x0, ab.sqrt() * eps_hat - (1 - ab).sqrt() * x0_hat
+    loss, _ = diffusion_loss(eps_hat, noise, t, sched, loss_space="v")
+    assert torch.allclose(loss, ((v_hat - v_true) ** 2).mean(), rtol=1e-4)  # float32 round-off of x0_hat
+    with pytest.raises(ValueError, match="not both"):
+        diffusion_loss(eps_hat, noise, t, sched, snr_gamma=5.0, loss_space="v")
+
+
+def test_toyworld_control_scores():
+    from diffusion_oft.toyworld import world
+    from diffusion_oft.toyworld.evaluate import _score_control, control_eval_examples, hand_drawn_examples
+    from diffusion_oft.toyworld.judge import box_iou
+
+    assert box_iou((0, 0, 10, 10), (0, 0, 10, 10)) == 1.0
+    assert box_iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(1 / 3)
+    assert box_iou(None, (0, 0, 1, 1)) == 0.0
+    hand = hand_drawn_examples(6)
+    assert [s.shape for _, _, s in hand] == ["square", "circle", "triangle"] * 2
+    for cond, caption, scene in hand:  # plain outlines: white pixels on the scene's box border
+        edges = np.asarray(cond.convert("L")) > 127
+        ys, xs = np.nonzero(edges)
+        assert box_iou((xs.min(), ys.min(), xs.max() + 1, ys.max() + 1), scene.bbox()) > 0.9
+        assert scene.shape in caption and scene.colour in caption
+    held = control_eval_examples(4)
+    perfect = _score_control([world.render(s) for _, _, s in held], held)
+    assert perfect["followed"] == 1.0 and perfect["colour_kept"] == 1.0 and perfect["edge_f1"] > 0.9
+    shifted = [world.render(world.Scene(s.shape, s.colour, s.background, s.size // 2, 12, 12)) for _, _, s in held]
+    assert _score_control(shifted, held)["box_iou"] < perfect["box_iou"]

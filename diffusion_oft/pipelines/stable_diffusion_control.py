@@ -8,9 +8,9 @@
     image = pipe("a house", image=edges, control_scale=1.0).images[0]
 
 ``control`` is a training output folder (or its adapter file): the adapter is loaded into the UNet and
-the paired condition encoder's features are added after ``conv_in``.  Classifier-free guidance applies
-the condition to both branches (as diffusers' ControlNet pipeline does); ``control_guidance_start`` /
-``control_guidance_end`` limit it to a fraction of the denoising steps.
+the paired condition encoder's features are added after ``conv_in`` and each downsampler.
+Classifier-free guidance applies the condition to both branches (as diffusers' ControlNet pipeline
+does); ``control_guidance_start`` / ``control_guidance_end`` limit it to a fraction of the steps.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ class OrthoStableDiffusionControlPipeline(StableDiffusionPipeline):
         # to that dtype inside forward and its output to the UNet's here.
         encoder = self._condition_encoder.to(self._execution_device)
         with torch.no_grad():
-            features = encoder(cond.to(self._execution_device)).to(self.unet.dtype)
+            features = [f.to(self.unet.dtype) for f in encoder(cond.to(self._execution_device))]
         state = attach_control(self.unet)
 
         def active(i: int, n: int) -> bool:  # diffusers' ControlNet rule for step i of n

@@ -17,7 +17,7 @@ import torch
 
 from ..config import AdapterConfig
 from ..model import add_adapter, count_adapter_parameters
-from ..training.loss import diffusion_loss, sample_noise, training_target
+from ..training.loss import diffusion_loss, sample_noise, sample_timesteps, training_target
 from . import world
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -77,8 +77,15 @@ def encode(pipe, pixels: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor
 
 def train(pipe, spec: AdapterSpec, latents, text, *, steps: int, lr: float, batch_size: int = 4, seed: int = 0,
           conditions: torch.Tensor | None = None, encoder: torch.nn.Module | None = None,
-          encoder_lr: float = 1e-3) -> dict:
-    """Train ``spec``'s adapter on (latents, text embeddings[, conditions]).  Returns params/time/losses."""
+          encoder_lr: float = 1e-3, timestep_bias: str | None = None, loss_space: str | None = None) -> dict:
+    """Train ``spec``'s adapter on (latents, text embeddings[, conditions]).  Returns params/time/losses.
+
+    Loss: min-SNR-5 on uniform timesteps; with an ``encoder`` (control) by default the control recipe
+    of ``diffusion-oft train control``: cubic timestep bias and the v-space MSE."""
+    if encoder is not None:
+        timestep_bias = timestep_bias or "cubic"
+        loss_space = loss_space or "v"
+    timestep_bias = timestep_bias or "none"
     from diffusers import DDPMScheduler
 
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -99,13 +106,14 @@ def train(pipe, spec: AdapterSpec, latents, text, *, steps: int, lr: float, batc
         idx = torch.randint(0, len(latents), (batch_size,), generator=g)
         x0 = latents[idx]
         noise = sample_noise(x0, g)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=g)
+        t = sample_timesteps(batch_size, scheduler, g, x0.device, timestep_bias)
         noisy = scheduler.add_noise(x0, noise, t)
         if control is not None:
             pred = control(noisy, t, text[idx], conditions[idx]).sample
         else:
             pred = pipe.unet(noisy, t, text[idx]).sample
-        loss, _ = diffusion_loss(pred, training_target(scheduler, x0, noise, t), t, scheduler, snr_gamma=5.0)
+        loss, _ = diffusion_loss(pred, training_target(scheduler, x0, noise, t), t, scheduler,
+                                 snr_gamma=None if loss_space else 5.0, loss_space=loss_space)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

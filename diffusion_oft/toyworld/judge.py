@@ -54,6 +54,7 @@ class Reading:
     shape_iou: dict[str, float] = field(default_factory=dict)
     colour_fractions: dict[str, float] = field(default_factory=dict)
     subject_share: float = 0.0
+    box: tuple[float, float, float, float] | None = None  # the object's bounding box (x0, y0, x1, y1), px
 
 
 def _as_array(image: Image.Image | np.ndarray) -> np.ndarray:
@@ -129,7 +130,7 @@ def read_image(image: Image.Image | np.ndarray) -> Reading:
         union = (template | mask).sum()
         ious[shape] = float((template & mask).sum() / union) if union else 0.0
     shape = max(ious, key=ious.get)
-    return Reading(background, colour, shape, area, ious, fractions, subject_colour_share(rgb, mask))
+    return Reading(background, colour, shape, area, ious, fractions, subject_colour_share(rgb, mask), box)
 
 
 # The subject's stripes blur into each other at 64 px through the autoencoder: their mean colour counts too.
@@ -181,3 +182,12 @@ def judge_subject(images, backgrounds) -> dict[str, float]:
 
 def is_in_world_colour(name: str | None) -> bool:
     return name in OBJECT_COLOURS
+
+
+def box_iou(a: tuple[float, float, float, float] | None, b: tuple[float, float, float, float]) -> float:
+    """IoU of two (x0, y0, x1, y1) boxes; 0 when ``a`` is None (no object found)."""
+    if a is None:
+        return 0.0
+    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0

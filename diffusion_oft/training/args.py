@@ -193,6 +193,15 @@ def control_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="also adapt the feed-forward projections (default: on for ether/ether_plus)")
     g.add_argument("--encoder_learning_rate", type=float, default=None,
                    help="learning rate of the condition encoder (default: min(--learning_rate, 1e-4))")
+    g.add_argument("--control_injection", default="multiscale", choices=["multiscale", "conv_in"],
+                   help="encoder mode: add the condition's features after conv_in and every downsampler "
+                   "(multiscale, default) or after conv_in only")
+    g.add_argument("--timestep_bias", default="cubic", choices=["cubic", "none"],
+                   help="training timesteps: cubic, t = (1 - u^3) T (T2I-Adapter; 79%% of them in the noisier "
+                   "half, where the layout is decided), or none (uniform)")
+    g.add_argument("--control_loss_weighting", default="v", choices=["v", "epsilon"],
+                   help="v: MSE measured in v-space (an epsilon model's loss times 1 + 1/SNR, so the "
+                   "high-noise steps count); epsilon: the plain loss on the model's target (with --snr_gamma)")
     g = p.add_argument_group("data")
     g.add_argument("--dataset_name", default=None, help="a datasets dataset: local path (save_to_disk) or hub name")
     g.add_argument("--dataset_config_name", default=None)
@@ -339,6 +348,8 @@ def _finalize_control(args) -> None:
         raise ValueError(f"--proportion_empty_prompts must be in [0, 1], got {args.proportion_empty_prompts}")
     if args.encoder_learning_rate is None:
         args.encoder_learning_rate = min(args.learning_rate, 1e-4)
+    if args.snr_gamma is not None and args.control_loss_weighting != "epsilon":
+        raise ValueError("--snr_gamma weights the epsilon loss: add --control_loss_weighting epsilon")
     if args.controlnet_model_name_or_path and args.control_mode != "controlnet":
         raise ValueError("--controlnet_model_name_or_path needs --control_mode controlnet")
     if args.validation_prompt and args.validation_image:

@@ -97,7 +97,8 @@ class ControlTrainer(AdapterTrainer):
         if args.control_mode == "encoder":
             check_fits(base.unet, self.config, "unet")
             add_adapter(base.unet, self.config, args.adapter_name)
-            self.encoder = condition_encoder_for(base.unet, base.vae_scale_factor).to(device)
+            self.encoder = condition_encoder_for(base.unet, base.vae_scale_factor,
+                                                 injection=args.control_injection).to(device)
             self.adapted = base.unet
             self.model = ControlledUNet(base.unet, self.encoder)
             self.extra_params = list(self.encoder.parameters())
@@ -165,7 +166,7 @@ class ControlTrainer(AdapterTrainer):
         with torch.no_grad():
             latents = encode_latents(base.vae, batch["pixel_values"], generator).to(dtype)
         noise = sample_noise(latents, generator, args.noise_offset)
-        timesteps = sample_timesteps(latents.shape[0], base.noise_scheduler, generator, device)
+        timesteps = sample_timesteps(latents.shape[0], base.noise_scheduler, generator, device, args.timestep_bias)
         noisy = base.noise_scheduler.add_noise(latents, noise, timesteps)
         embeds, pooled = self.encode(batch["texts"])
         kwargs = {}
@@ -175,7 +176,8 @@ class ControlTrainer(AdapterTrainer):
         cond = batch["conditioning"].to(device=device, dtype=dtype)
         pred = self.train_model(noisy, timesteps, embeds.to(dtype), cond, **kwargs).sample
         target = training_target(base.noise_scheduler, latents, noise, timesteps)
-        return diffusion_loss(pred, target, timesteps, base.noise_scheduler, args.snr_gamma)
+        space = None if args.control_loss_weighting == "epsilon" else args.control_loss_weighting
+        return diffusion_loss(pred, target, timesteps, base.noise_scheduler, args.snr_gamma, loss_space=space)
 
     # ---- files -------------------------------------------------------------------------------------
     def extra_metadata(self) -> dict[str, str]:
