@@ -33,13 +33,27 @@ def register(subparsers) -> None:
     c.set_defaults(func=run_control)
 
 
-def run_control(args) -> int:
+def load_control_pipeline(args):
+    """The controllable pipeline of the base model with the `train control` output loaded (GPU if any)."""
     import torch
+
+    from ..model_paths import resolve_model_path
+    from ..pipelines.stable_diffusion_control import OrthoStableDiffusionControlPipeline
+
+    pipe = OrthoStableDiffusionControlPipeline.from_pretrained(
+        resolve_model_path(args.pretrained_model_name_or_path), safety_checker=None, requires_safety_checker=False
+    )
+    pipe.load_control(args.control)
+    if torch.cuda.is_available():
+        pipe.to("cuda")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run_control(args) -> int:
 
     from ..conditions import canny
     from ..evaluation.control_fidelity import evaluate_control, format_table, write_report
-    from ..model_paths import resolve_model_path
-    from ..pipelines.stable_diffusion_control import OrthoStableDiffusionControlPipeline
     from ..training.control_data import _open, records_from_folder
 
     if args.resolution % 8:
@@ -59,13 +73,7 @@ def run_control(args) -> int:
         else:
             cond = _open(rec["conditioning_image"])
         examples.append((cond, rec["text"]))
-    pipe = OrthoStableDiffusionControlPipeline.from_pretrained(
-        resolve_model_path(args.pretrained_model_name_or_path), safety_checker=None, requires_safety_checker=False
-    )
-    pipe.load_control(args.control)
-    if torch.cuda.is_available():
-        pipe.to("cuda")
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_control_pipeline(args)
     result = evaluate_control(pipe, examples, args.num_inference_steps, args.guidance_scale, args.seed,
                               args.resolution, baseline=not args.no_baseline)
     paths = write_report(result, args.output_dir)
@@ -78,20 +86,10 @@ def run_toyworld(args) -> int:
     import json
     from pathlib import Path
 
-    import torch
-
-    from ..pipelines.stable_diffusion_control import OrthoStableDiffusionControlPipeline
     from ..toyworld.evaluate import CONTROL_SCALES, evaluate_control_task, format_control_table
-    from ..training.models import resolve_model_path
     from ..training.validation import image_grid, save_grid
 
-    pipe = OrthoStableDiffusionControlPipeline.from_pretrained(
-        resolve_model_path(args.pretrained_model_name_or_path), safety_checker=None, requires_safety_checker=False
-    )
-    pipe.load_control(args.control)
-    if torch.cuda.is_available():
-        pipe.to("cuda")
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_control_pipeline(args)
     result = evaluate_control_task(pipe, steps=args.num_inference_steps, guidance=args.guidance_scale,
                                    seed=args.seed, scales=CONTROL_SCALES)
     out = Path(args.output_dir)
