@@ -107,7 +107,7 @@ class DreamBoothTrainer(AdapterTrainer):
                      "(--center_crop makes them cacheable)")
             return None
         chunk = args.train_batch_size * (2 if args.with_prior_preservation else 1)
-        cache = LatentCache(self.base.vae, dataset.pixels_of, args.resolution,
+        cache = LatentCache(self.vae, dataset.pixels_of, args.resolution,
                             "center" if args.center_crop else "square", chunk_size=chunk)
         cache.build(dataset.all_images())
         dataset.skip_pixels = True  # the steps read the cache, not the image files
@@ -127,7 +127,7 @@ class DreamBoothTrainer(AdapterTrainer):
         missing = args.num_class_images - len(existing)
         if missing > 0 and self.is_main:
             self.log(f"generating {missing} class images for {args.class_prompt!r} in {folder}")
-            pipe = inference_pipeline(self.base)
+            pipe = self.make_pipeline()
             start_index = len(existing)
             with torch.no_grad():
                 for start in tqdm(range(0, missing, args.sample_batch_size), desc="class images"):
@@ -138,7 +138,7 @@ class DreamBoothTrainer(AdapterTrainer):
                     ]
                     images = pipe(
                         [args.class_prompt] * n, num_inference_steps=args.class_inference_steps, generator=gens,
-                        height=args.resolution, width=args.resolution,
+                        height=args.resolution, width=args.resolution, **self.pipeline_kwargs(),
                     ).images
                     for i, image in enumerate(images):
                         digest = hashlib.sha1(image.tobytes()).hexdigest()[:12]
@@ -153,6 +153,25 @@ class DreamBoothTrainer(AdapterTrainer):
         with warnings.catch_warnings():  # reported above
             warnings.simplefilter("ignore", BadDataWarning)
             return list_images(folder, "--class_data_dir", strict=args.strict)[: args.num_class_images]
+
+    # ---- what differs per model family (overridden by training/dit.py) ------------------------------
+    @property
+    def vae(self) -> nn.Module:
+        return self.base.vae
+
+    def make_pipeline(self):
+        """The text-to-image pipeline around the (adapted) components, for class and validation images."""
+        return inference_pipeline(self.base)
+
+    def pipeline_kwargs(self) -> dict:
+        """Extra arguments of the pipeline's calls."""
+        return {}
+
+    def pipeline_class_name(self) -> str:
+        return "StableDiffusionXLPipeline" if self.base.is_sdxl else "StableDiffusionPipeline"
+
+    def model_tags(self) -> list[str]:
+        return ["stable-diffusion-xl"] if self.base.is_sdxl else ["stable-diffusion"]
 
     # ---- the trainer interface ---------------------------------------------------------------------
     def adapted_components(self) -> dict[str, nn.Module]:
@@ -224,13 +243,13 @@ class DreamBoothTrainer(AdapterTrainer):
         args = self.args
         if args.num_validation_images == 0:
             return None
-        pipe = inference_pipeline(self.base)
+        pipe = self.make_pipeline()
         rows, images = [], []
         for prompt in self.validation_prompts():
             row = pipe(
                 prompt, num_images_per_prompt=args.num_validation_images, num_inference_steps=args.num_inference_steps,
                 guidance_scale=args.guidance_scale, height=args.resolution, width=args.resolution,
-                generator=torch.Generator().manual_seed(args.seed),
+                generator=torch.Generator().manual_seed(args.seed), **self.pipeline_kwargs(),
             ).images
             rows.append(row)
             images.extend(row)
@@ -245,7 +264,7 @@ class DreamBoothTrainer(AdapterTrainer):
             from ..toyworld.evaluate import judge_adapter
 
             self.set_train_mode(False)
-            pipe = inference_pipeline(self.base)
+            pipe = self.make_pipeline()
             summary["judge"] = judge_adapter(pipe, self.output_dir, log=self.log)
             self.log(f"judge figures: {self.output_dir / 'judge.md'}, images: {self.output_dir / 'judge.png'}")
         return summary
@@ -277,7 +296,7 @@ class DreamBoothTrainer(AdapterTrainer):
                                    f"{args.prior_loss_weight:g}" if args.with_prior_preservation else "no"),
             ("text encoder adapter", "yes" if args.train_text_encoder else "no"),
         ]
-        pipe_cls = "StableDiffusionXLPipeline" if self.base.is_sdxl else "StableDiffusionPipeline"
+        pipe_cls = self.pipeline_class_name()
         usage = f"""
 import torch
 from diffusers import {pipe_cls}
@@ -295,7 +314,7 @@ image = pipe("{args.instance_prompt}").images[0]
             summary, rows, configs, "samples.png" if "samples" in self.outputs else None,
             self.validation_prompts()[0], usage,
             tags=["text-to-image", "diffusion-oft", args.method, "dreambooth"]
-            + (["stable-diffusion-xl"] if self.base.is_sdxl else ["stable-diffusion"]),
+            + self.model_tags(),
             instance_prompt=args.instance_prompt,
         )
         self.outputs["model_card"] = str(path)
@@ -313,4 +332,9 @@ def main(argv: list[str] | None = None, args=None) -> dict:
     if args is None:
         args = dreambooth_parser().parse_args(argv)
     finalize_args(args, "dreambooth")
+    if args.model_family is not None:  # a flow-matching DiT (SD3, Flux): training/dit.py
+        from .dit import DiTDreamBoothTrainer
+        from .families import family_named
+
+        return DiTDreamBoothTrainer(args, family_named(args.model_family)).run()
     return DreamBoothTrainer(args).run()
