@@ -66,7 +66,8 @@ def _add_adapter_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--coft_eps", type=float, default=None,
                    help="COFT radius on each block's |S|_F, applied after every step (oft/boft; default off)")
     g.add_argument("--target_modules", nargs="+", default=None,
-                   help="attention projections to adapt (default: to_q to_k to_v to_out.0)")
+                   help="attention projections to adapt (default: to_q to_k to_v to_out.0; SD3 / Flux: also "
+                        "add_q_proj add_k_proj add_v_proj to_add_out, and Flux's single blocks' to_q/k/v)")
     g.add_argument("--attention", default="all", choices=["self", "cross", "all"],
                    help="which attention modules' projections get adapters (default: all)")
     g.add_argument("--adapter_dropout", type=float, default=None,
