@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -287,3 +289,48 @@ def test_guidance_is_passed_in_training_for_dev_only(builtin_cache, data, tmp_pa
                             "--num_validation_images", "0", "--guidance_scale", "2.5"))
     assert [g.tolist() for g in seen["tiny-flux"]] == [[2.5]]
     assert seen["tiny-flux-schnell"] == [None]
+
+
+RANK_SCRIPT = """
+import sys
+from pathlib import Path
+from safetensors.torch import save_file
+from diffusion_oft.files import adapter_state_dict
+from diffusion_oft.training.args import dreambooth_parser, finalize_args
+from diffusion_oft.training.dit import DiTDreamBoothTrainer
+from diffusion_oft.training.families import family_named
+
+dump = Path(sys.argv[1])
+args = finalize_args(dreambooth_parser().parse_args(sys.argv[2:]), "dreambooth")
+trainer = DiTDreamBoothTrainer(args, family_named(args.model_family))
+trainer.run()
+rank = trainer.accelerator.process_index
+save_file(adapter_state_dict(trainer.pipe.transformer), str(dump / f"rank{rank}.safetensors"))
+(dump / f"rank{rank}.info").write_text(f"{trainer.accelerator.num_processes} {trainer.accelerator.distributed_type}")
+"""
+
+
+@pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not on PATH")
+def test_flux_dev_under_two_cpu_processes_ends_with_the_same_adapter(builtin_cache, tmp_path):
+    """DDP over gloo: the guidance embedding's config is read through the DDP wrapper; both ranks agree."""
+    resolve_model_path("builtin:tiny-flux")  # made once, before the two processes start
+    data = make_subject_images(tmp_path / "subject", n=4)
+    out, dump = tmp_path / "out", tmp_path / "dump"
+    dump.mkdir()
+    script = tmp_path / "run_rank.py"
+    script.write_text(RANK_SCRIPT)
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONPATH=str(Path.cwd()))
+    cmd = [
+        "accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(dump),
+        *args_for("builtin:tiny-flux", data, out, "--max_train_steps", "2", "--learning_rate", "1e-2",
+                  "--num_validation_images", "0"),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (dump / "rank0.info").read_text() == (dump / "rank1.info").read_text() == "2 DistributedType.MULTI_CPU"
+    rank0, rank1 = read_tensors(dump / "rank0.safetensors"), read_tensors(dump / "rank1.safetensors")
+    assert any(v.abs().sum() > 0 for v in rank0.values()), "the adapter trained"
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+    assert read_tensors(out / "adapter.safetensors").keys()

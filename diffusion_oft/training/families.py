@@ -158,7 +158,8 @@ class FluxFamily(FlowFamily):
     def transformer_kwargs(self, transformer, batch, guidance_scale, device):
         from .flow import flux_guidance
 
-        guidance = flux_guidance(transformer, guidance_scale, batch, device=device)
+        model = getattr(transformer, "module", transformer)  # DDP-wrapped under accelerate launch: its config
+        guidance = flux_guidance(model, guidance_scale, batch, device=device)
         return {} if guidance is None else {"guidance": guidance}
 
     def predict(self, transformer, noisy, timesteps, cond, guidance_scale):
