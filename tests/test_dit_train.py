@@ -92,6 +92,7 @@ def test_family_is_detected_from_the_model_folder(builtin_cache, data, tmp_path)
         (["--snr_gamma", "5"], "use --weighting_scheme"),
         (["--attention", "self"], "choose layers with --target_modules"),
         (["--resolution", "30"], "--resolution must be divisible by 8"),
+        (["--judge", "toyworld", "--resolution", "64"], "scores adapters of the toy world's SD model"),
     ],
 )
 def test_wrong_flags_for_dit_models_are_one_line_errors(builtin_cache, data, tmp_path, flags, message):

@@ -404,6 +404,8 @@ def _finalize_dit(args, family) -> None:
     if args.attention != "all":
         raise ValueError(f"--attention {args.attention}: SD3 / Flux attention is joint (image + text); "
                          "choose layers with --target_modules")
+    if args.judge is not None:
+        raise ValueError(f"--judge {args.judge} scores adapters of the toy world's SD model, not {what}")
 
 
 def _finalize_control(args) -> None:
