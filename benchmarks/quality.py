@@ -95,17 +95,17 @@ def control_references(encoder_design: str):
     specs = dict(adapter_specs(["oft", "boft", "lora"]))
     other = "hint" if encoder_design == "slim" else "slim"
     return [
+        ("full_controlnet", "full ControlNet (ControlNetModel.from_unet, all trained)", "full_controlnet", None, None),
         ("oft", f"OFT b=32 + {encoder_design} encoder", "encoder", specs["oft"], encoder_design),
         ("boft", f"BOFT b=8 m=2 + {encoder_design} encoder", "encoder", specs["boft"], encoder_design),
         ("lora", f"LoRA r=4 (PEFT) + {encoder_design} encoder", "encoder", specs["lora"], encoder_design),
-        (f"oft_{other}", f"OFT b=32 + {other} encoder", "encoder", specs["oft"], other),
-        ("full_controlnet", "full ControlNet (ControlNetModel.from_unet, all trained)", "full_controlnet", None, None),
         ("controlnet_mode", "--control_mode controlnet (OFT b=32 on the copy + hint/zero convs)", "controlnet",
          specs["oft"], None),
-    ]
+        (f"oft_{other}", f"OFT b=32 + {other} encoder", "encoder", specs["oft"], other),    ]
 
 
-def run_control(model, key, kind, spec, design, steps, seed, runs_dir: Path | None = None, evaluate_only=False):
+def run_control(model, key, kind, spec, design, steps, seed, runs_dir: Path | None = None, evaluate_only=False,
+                evaluate=True):
     """Train one control reference on assets/control (cached latents) and judge it on the held-out and
     hand-drawn outlines at control scales 0, 0.5, 1 (the ceiling is computed once, by the caller).
     With ``runs_dir`` the trained tensors are kept in ``runs_dir/<key>.pt``; ``evaluate_only`` judges
@@ -151,6 +151,8 @@ def run_control(model, key, kind, spec, design, steps, seed, runs_dir: Path | No
             torch.save({"info": info, "encoder": encoder.state_dict() if encoder is not None else None,
                         "trained": {n: p.detach().clone() for n, p in trained.named_parameters() if p.requires_grad}},
                        saved)
+    if not evaluate:
+        return info, None
     return info, evaluate_control_task(judged, scales=CONTROL_SCALES, ceiling=False)
 
 
@@ -162,7 +164,7 @@ def control_task(args, out: Path) -> None:
 
     start = time.time()
     pipe = load_toy_pipeline(args.model, control=True)
-    ceiling = control_ceiling(pipe.vae, control_eval_examples())
+    ceiling = None if args.control_train_only else control_ceiling(pipe.vae, control_eval_examples())
     del pipe
     rows, base = [], None
     for key, label, kind, spec, design in control_references(args.control_encoder):
@@ -170,7 +172,10 @@ def control_task(args, out: Path) -> None:
             continue
         runs = Path(args.control_runs_dir) if args.control_runs_dir else None
         info, result = run_control(args.model, key, kind, spec, design, args.control_steps, args.seed, runs,
-                                   args.control_evaluate_only)
+                                   args.control_evaluate_only, evaluate=not args.control_train_only)
+        if result is None:
+            print(f"{key}: trained in {info['seconds']:.0f} s, kept in {runs}", flush=True)
+            continue
         res = result["results"]
         if base is None:  # control scale 0 of the first row: the base model (zero-initialised injection)
             base = {"key": "base", "method": "base model (control off)", "params": 0, "adapter_params": 0,
@@ -184,6 +189,8 @@ def control_task(args, out: Path) -> None:
         print(format_control_row(row, ceiling), flush=True)
         (out / "quality_control_partial.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
         image_grid([im for r in result["rows"][:12] for im in r], columns=6).save(out / f"quality_control_{key}.png")
+    if args.control_train_only:
+        return
     rows.append({"key": "ceiling", "method": "ceiling (VAE reconstructions)", "held_out": ceiling})
     elapsed = time.time() - start
     header = (f"Toy-world control references: {args.control_steps} steps of batch {CONTROL_BATCH} on the 120 triples "
@@ -232,7 +239,7 @@ def main(argv=None) -> int:
     p.add_argument("--methods", nargs="+", default=["oft", "boft", "ether", "ether_plus", "lora"])
     p.add_argument("--tasks", nargs="+", default=["subject", "control"], choices=["subject", "control"])
     p.add_argument("--subject_steps", type=int, default=150)
-    p.add_argument("--control_steps", type=int, default=1000,
+    p.add_argument("--control_steps", type=int, default=600,
                    help="control task budget (the multiscale encoder, cubic timesteps, v-space loss; at 150 steps "
                    "nothing is followed yet)")
     p.add_argument("--control_encoder", default="slim", choices=["slim", "hint"],
@@ -244,6 +251,8 @@ def main(argv=None) -> int:
                    help="keep each trained control reference here (<key>.pt) ...")
     p.add_argument("--control_evaluate_only", action="store_true",
                    help="... and judge the kept runs instead of training (train s: of the kept run)")
+    p.add_argument("--control_train_only", action="store_true",
+                   help="train and keep the control references (needs --control_runs_dir), judge them later")
     p.add_argument("--quick", action="store_true", help="middle LR only, half the steps")
     p.add_argument("--output_dir", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--seed", type=int, default=0)
@@ -261,6 +270,8 @@ def main(argv=None) -> int:
     from diffusion_oft.toyworld.finetune import load_toy_pipeline
     from diffusion_oft.toyworld.pretrain import image_grid
 
+    if args.control_train_only and not args.control_runs_dir:
+        p.error("--control_train_only needs --control_runs_dir")
     if "control" in args.tasks:
         control_task(args, out)
     if "subject" not in args.tasks:

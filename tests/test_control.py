@@ -372,6 +372,30 @@ def test_controlnet_mode(tmp_path):
     assert np.isfinite(image).all()
 
 
+def test_train_control_slim_encoder(tmp_path):
+    """--control_encoder slim trains the slim design and writes it with its widths; the pipeline loads it."""
+    from diffusion_oft.control import load_paired_encoder
+    from diffusion_oft.pipelines.stable_diffusion_control import OrthoStableDiffusionControlPipeline
+
+    model = save_tiny_sd(tmp_path / "tiny-sd")
+    data = make_control_folder(tmp_path / "data", n=2)
+    out = tmp_path / "out"
+    train_main(["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--resolution",
+                str(RES), "--control_encoder", "slim", "--block_size", "8", "--max_train_steps", "2",
+                "--learning_rate", "1e-2", "--encoder_learning_rate", "1e-2", "--report_to", "none",
+                "--output_dir", str(out)])
+    enc = load_paired_encoder(out)
+    assert enc.config.block_out_channels == (8, 16) and enc.config.separable_downs
+    assert enc.config.head_kernel_size == 1
+    assert any(p.abs().sum() > 0 for p in enc.heads.parameters())  # the zero heads moved
+    pipe = OrthoStableDiffusionControlPipeline.from_pretrained(model, control=str(out), safety_checker=None,
+                                                               requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a yellow circle", image=Image.open(data / "cond_0.png"), num_inference_steps=2, height=RES,
+                 width=RES, output_type="np").images
+    assert np.isfinite(image).all()
+
+
 def test_control_user_errors(tmp_path, capsys):
     (tmp_path / "d").mkdir()
     assert cli_main(["train", "control", "--pretrained_model_name_or_path", "x", "--train_data_dir",
