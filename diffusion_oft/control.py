@@ -7,7 +7,9 @@ after each of the UNet's downsamplers (a stride-2 conv of the encoder per resolu
 layers that decide the layout see the condition directly.  Every output conv is zero-initialised, so
 the model starts exactly as the base model; orthogonal adapters on the UNet's attention learn to use
 the features.  (Measured on the toy world: added at ``conv_in`` only, 600 steps gave no following at
-all — 2/12 held-out outlines followed, as the base model; at every resolution 9/12.)
+all — 2/12 held-out outlines followed, as the base model; at every resolution 9/12.)  A ``slim``
+design (narrow widths, depthwise-separable downsamplers, 1×1 heads; :func:`encoder_design_kwargs`)
+has ~1/20 of the hint encoder's parameters; its shape lives in the config, not in the format version.
 
 Files: the adapter is a normal diffusion-oft adapter file (``adapter.safetensors``); the encoder goes
 next to it in ``condition_encoder.safetensors`` (tensors + its config in the metadata, and the
