@@ -205,31 +205,49 @@ def control_task(args, out: Path) -> None:
     (out / "quality_control_partial.json").unlink(missing_ok=True)
 
 
+def merge_control_tables(dirs: list[str], out: Path, encoder_design: str) -> None:
+    """One control table from several runs' quality_control.json (references judged in separate
+    processes, e.g. in parallel): base model and ceiling from the first, references in table order."""
+    order = [key for key, *_ in control_references(encoder_design)]
+    runs = [json.loads((Path(d) / "quality_control.json").read_text(encoding="utf-8")) for d in dirs]
+    by_key = {r["key"]: r for rows in reversed(runs) for r in rows}  # the first dir wins
+    rows = [by_key["base"]] + [by_key[k] for k in order if k in by_key] + [by_key["ceiling"]]
+    ceiling = by_key["ceiling"]["held_out"]
+    headers = [(Path(d) / "quality_control.md").read_text(encoding="utf-8").split("\n\n")[0] for d in dirs]
+    header = "Merged from separate runs:\n\n" + "\n\n".join(f"- {h}" for h in headers)
+    table = format_control_table(rows, ceiling)
+    print(header + "\n\n" + table)
+    (out / "quality_control.md").write_text(header + "\n\n" + table + "\n", encoding="utf-8")
+    (out / "quality_control.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
+
+
 CONTROL_HEAD = ("| model | trainable params (adapter) | % of full ControlNet | held-out followed | box IoU | edge F1 | "
-                "F1 at scale 0 / 0.5 | gap closed | colour kept | hand-drawn followed | hand-drawn F1 | train s |")
-FULL_CONTROLNET_PARAMS = "full_controlnet"
+                "F1 at scale 0 / 0.5 | F1 / full ControlNet's | gap closed | colour kept | hand-drawn followed | "
+                "hand-drawn F1 | train s |")
+FULL_CONTROLNET = "full_controlnet"  # the row the others are compared with
 
 
-def format_control_row(row: dict, ceiling: dict, full_params: int | None = None) -> str:
+def format_control_row(row: dict, ceiling: dict, full: dict | None = None) -> str:
     h = row["held_out"]
     if "params" not in row:  # the ceiling
         return (f"| {row['method']} | – | – | {round(h['followed'] * h['n'])}/{h['n']} | {h['box_iou']:.3f} | "
-                f"{h['edge_f1']:.3f} | – | 100 % | {h['colour_kept']:.2f} | – | – | – |")
+                f"{h['edge_f1']:.3f} | – | – | 100 % | {h['colour_kept']:.2f} | – | – | – |")
     base_f1 = row.get("held_out@0", h)["edge_f1"]
     gap = (h["edge_f1"] - base_f1) / max(ceiling["edge_f1"] - base_f1, 1e-9)
-    share = f"{100 * row['params'] / full_params:.1f} %" if full_params else "–"
+    share = f"{100 * row['params'] / full['params']:.1f} %" if full else "–"
+    ratio = f"{h['edge_f1'] / full['held_out']['edge_f1']:.2f}×" if full else "–"
     scales = (f"{row['held_out@0']['edge_f1']:.3f} / {row['held_out@0.5']['edge_f1']:.3f}" if "held_out@0.5" in row
               else "–")
     hd = row["hand_drawn"]
     return (f"| {row['method']} | {row['params']:,} ({row['adapter_params']:,}) | {share} | "
             f"{round(h['followed'] * h['n'])}/{h['n']} | {h['box_iou']:.3f} | {h['edge_f1']:.3f} | {scales} | "
-            f"{100 * gap:.0f} % | {h['colour_kept']:.2f} | {round(hd['followed'] * hd['n'])}/{hd['n']} | "
+            f"{ratio} | {100 * gap:.0f} % | {h['colour_kept']:.2f} | {round(hd['followed'] * hd['n'])}/{hd['n']} | "
             f"{hd['edge_f1']:.3f} | {row['seconds']:.0f} |")
 
 
 def format_control_table(rows: list[dict], ceiling: dict) -> str:
-    full = next((r["params"] for r in rows if r.get("key") == FULL_CONTROLNET_PARAMS), None)
-    return "\n".join([CONTROL_HEAD, "| " + " | ".join(["---"] * 12) + " |"]
+    full = next((r for r in rows if r.get("key") == FULL_CONTROLNET), None)
+    return "\n".join([CONTROL_HEAD, "| " + " | ".join(["---"] * 13) + " |"]
                      + [format_control_row(r, ceiling, full) for r in rows])
 
 
@@ -253,6 +271,8 @@ def main(argv=None) -> int:
                    help="... and judge the kept runs instead of training (train s: of the kept run)")
     p.add_argument("--control_train_only", action="store_true",
                    help="train and keep the control references (needs --control_runs_dir), judge them later")
+    p.add_argument("--control_merge", nargs="+", default=None, metavar="DIR",
+                   help="only merge the control tables of these output dirs into --output_dir")
     p.add_argument("--quick", action="store_true", help="middle LR only, half the steps")
     p.add_argument("--output_dir", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--seed", type=int, default=0)
@@ -270,6 +290,9 @@ def main(argv=None) -> int:
     from diffusion_oft.toyworld.finetune import load_toy_pipeline
     from diffusion_oft.toyworld.pretrain import image_grid
 
+    if args.control_merge:
+        merge_control_tables(args.control_merge, out, args.control_encoder)
+        return 0
     if args.control_train_only and not args.control_runs_dir:
         p.error("--control_train_only needs --control_runs_dir")
     if "control" in args.tasks:
