@@ -177,7 +177,9 @@ def control_task(args, out: Path) -> None:
             print(f"{key}: trained in {info['seconds']:.0f} s, kept in {runs}", flush=True)
             continue
         res = result["results"]
-        if base is None:  # control scale 0 of the first row: the base model (zero-initialised injection)
+        # control scale 0 of a ControlNet row is the base model (the UNet is untouched); of an encoder
+        # row it is the UNet with its adapter and the control off
+        if base is None and kind != "encoder":
             base = {"key": "base", "method": "base model (control off)", "params": 0, "adapter_params": 0,
                     "seconds": 0.0, "held_out": res["held_out@0"], "hand_drawn": res["hand_drawn@0"]}
             rows.append(base)
@@ -227,12 +229,14 @@ CONTROL_HEAD = ("| model | trainable params (adapter) | % of full ControlNet | h
 FULL_CONTROLNET = "full_controlnet"  # the row the others are compared with
 
 
-def format_control_row(row: dict, ceiling: dict, full: dict | None = None) -> str:
+def format_control_row(row: dict, ceiling: dict, full: dict | None = None, base_f1: float | None = None) -> str:
+    """One row; "gap closed" is against the base model's F1 (``base_f1``; else the row's own scale 0,
+    which for adapters on the UNet is the adapter with the control off, not the base model)."""
     h = row["held_out"]
     if "params" not in row:  # the ceiling
         return (f"| {row['method']} | – | – | {round(h['followed'] * h['n'])}/{h['n']} | {h['box_iou']:.3f} | "
                 f"{h['edge_f1']:.3f} | – | – | 100 % | {h['colour_kept']:.2f} | – | – | – |")
-    base_f1 = row.get("held_out@0", h)["edge_f1"]
+    base_f1 = row.get("held_out@0", h)["edge_f1"] if base_f1 is None else base_f1
     gap = (h["edge_f1"] - base_f1) / max(ceiling["edge_f1"] - base_f1, 1e-9)
     share = f"{100 * row['params'] / full['params']:.1f} %" if full else "–"
     ratio = f"{h['edge_f1'] / full['held_out']['edge_f1']:.2f}×" if full else "–"
@@ -247,8 +251,9 @@ def format_control_row(row: dict, ceiling: dict, full: dict | None = None) -> st
 
 def format_control_table(rows: list[dict], ceiling: dict) -> str:
     full = next((r for r in rows if r.get("key") == FULL_CONTROLNET), None)
+    base_f1 = next((r["held_out"]["edge_f1"] for r in rows if r.get("key") == "base"), None)
     return "\n".join([CONTROL_HEAD, "| " + " | ".join(["---"] * 13) + " |"]
-                     + [format_control_row(r, ceiling, full) for r in rows])
+                     + [format_control_row(r, ceiling, full, base_f1) for r in rows])
 
 
 def main(argv=None) -> int:
