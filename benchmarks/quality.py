@@ -230,7 +230,8 @@ def main(argv=None) -> int:
             out / f"quality_{key}.png")
     table = format_table(rows)
     claims = format_claims(rows, samples) if "subject" in args.tasks else ""
-    mode = "quick" if args.quick else "full"
+    full = (len(train_seeds), len(eval_seeds), factors) == (3, 6, LR_FACTORS)
+    mode = "quick" if args.quick else ("full" if full else "reduced")
     header = (f"Toy-world quality benchmark ({mode}): subject task {args.subject_steps} steps batch 4 on "
               f"assets/subject, {len(train_seeds)} training seed(s) per row, each judged on "
               f"{6 * len(eval_seeds)} subject + {12 * len(eval_seeds)} in-world images ({len(eval_seeds)} "
