@@ -1,17 +1,21 @@
-"""Quality benchmark in the toy world: every method (and PEFT LoRA) at the same step budget, each at
-three learning rates spanning 10×, on the subject (DreamBooth) task; and the control task's
-references at one budget and rate (OFT, BOFT, PEFT LoRA with the condition encoder, OFT with the
-other encoder design, a full ControlNet, ``--control_mode controlnet``, the base model, the ceiling).
+"""Quality benchmark in the toy world.
+
+Subject (DreamBooth) task: every method (and PEFT LoRA, and full UNet finetuning) at the same step budget,
+each at three learning rates spanning 10x, over several training seeds, with 95 % intervals.  Control task:
+the references at one budget and rate (OFT, BOFT, PEFT LoRA with the condition encoder, OFT with the other
+encoder design, a full ControlNet, ``--control_mode controlnet``, the base model, the ceiling).
 
     python benchmarks/quality.py                    # both tasks
+    python benchmarks/quality.py --tasks subject    # full subject mode: 6 rows x 3 LRs x 3 training seeds
     python benchmarks/quality.py --tasks control    # the control references only
-    python benchmarks/quality.py --quick            # middle LR only, half the steps
+    python benchmarks/quality.py --quick            # middle LR, 1 training seed, 2 evaluation seeds
 
-Subject: prints a table (trainable params, subject fidelity, prompt fidelity, prior preservation,
-wall time; the base model first) and writes benchmarks/results/quality.md, quality.json and a grid
-PNG per method (rows: each LR's subject images, then its in-world images).  Control: writes
-quality_control.md / .json and a grid per reference (condition | output | output's edges).  Scores
-are the toy-world judge's (diffusion_oft/toyworld/judge.py).
+Subject: each run is judged on 6 subject prompts and 12 in-world prompts per evaluation seed.  A row's
+figure is the mean over its training seeds' images; its interval is a two-level bootstrap (training seeds,
+then images within each), and the claims below the table are bootstrapped differences.  Writes
+benchmarks/results/quality.md, quality.json and a sample grid PNG per method.  Control: writes
+quality_control.md / .json and a grid per reference (condition | output | output's edges).  Scores are
+the toy-world judge's (diffusion_oft/toyworld/judge.py).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,13 +43,16 @@ def adapter_specs(names: list[str]):
         "ether": AdapterSpec("ETHER n=4", AdapterConfig(method="ether", num_blocks=4)),
         "ether_plus": AdapterSpec("ETHER+ n=4", AdapterConfig(method="ether_plus", num_blocks=4)),
         "lora": AdapterSpec("LoRA r=4 (PEFT)", lora_rank=4),
+        "full": AdapterSpec("full UNet finetuning", full=True),
     }
     return [(n, specs[n]) for n in names]
 
 
 # Middle learning rate per adapter (the grid is ×0.3, ×1, ×3 of it): the papers' SD 1.5 DreamBooth rates
 # scaled alike for the 150-step budget (OFT 6e-5, ETHER 6e-3 → ×~20 / ×0.5); LoRA at OFT's.
-BASE_LR = {"oft": 1e-3, "boft": 1e-3, "ether": 3e-3, "ether_plus": 1e-3, "lora": 1e-3}
+BASE_LR = {"oft": 1e-3, "boft": 1e-3, "ether": 3e-3, "ether_plus": 1e-3, "lora": 1e-3, "full": 1e-4}
+ORTHOGONAL = ("oft", "boft", "ether", "ether_plus")
+BOOTSTRAP = 2000
 LR_FACTORS = (0.3, 1.0, 3.0)
 
 
@@ -73,15 +81,60 @@ def control_data(pipe):
     return latents, text, conds
 
 
-def run_subject(model, spec, lr, steps, seed):
+def run_subject(model, spec, lr, steps, seed, eval_seeds):
     from diffusion_oft.toyworld.evaluate import evaluate_subject
     from diffusion_oft.toyworld.finetune import load_toy_pipeline, train
 
     pipe = load_toy_pipeline(model)
     latents, text = subject_data(pipe)
     info = train(pipe, spec, latents, text, steps=steps, lr=lr, seed=seed)
-    result = evaluate_subject(pipe)
+    result = evaluate_subject(pipe, seeds=eval_seeds)
     return info, result
+
+
+def per_image(result: dict, n_seeds: int) -> dict[str, list[float]]:
+    """Per-image values of one judged run: subject score, asked background right, in-world right."""
+    from diffusion_oft.toyworld import world
+    from diffusion_oft.toyworld.evaluate import SUBJECT_BACKGROUNDS
+    from diffusion_oft.toyworld.judge import read_image, subject_score
+
+    subject, background, prior = [], [], []
+    for row in result["rows"][:n_seeds]:
+        for image, wanted in zip(row, SUBJECT_BACKGROUNDS, strict=True):
+            r = read_image(image)
+            subject.append(subject_score(r))
+            background.append(float(r.background == wanted))
+    for row in result["rows"][n_seeds:]:
+        for image, (shape, colour, _) in zip(row, world.in_world_prompts(), strict=True):
+            r = read_image(image)
+            prior.append(float(r.shape == shape and r.colour == colour))
+    return {"subject_fidelity": subject, "prompt_fidelity": background, "prior_preservation": prior}
+
+
+def bootstrap_means(groups: list[list[float]], rng) -> np.ndarray:
+    """BOOTSTRAP resampled means of nested data: training seeds drawn with replacement, then images
+    within each drawn seed."""
+    arrays = [np.asarray(g, dtype=float) for g in groups]
+    out = np.empty(BOOTSTRAP)
+    for i in range(BOOTSTRAP):
+        picks = rng.integers(0, len(arrays), len(arrays)) if len(arrays) > 1 else [0]
+        out[i] = np.mean([arrays[j][rng.integers(0, len(arrays[j]), len(arrays[j]))].mean() for j in picks])
+    return out
+
+
+def interval(groups: list[list[float]], seed: int = 0) -> tuple[float, float, float]:
+    """(mean, 2.5 %, 97.5 %) of a row's figure over its training seeds' images."""
+    draws = bootstrap_means(groups, np.random.default_rng(seed))
+    return float(np.mean([np.mean(g) for g in groups])), float(np.quantile(draws, 0.025)), float(
+        np.quantile(draws, 0.975))
+
+
+def difference(a: list[list[float]], b: list[list[float]], seed: int = 0) -> tuple[float, float, float]:
+    """(mean a − mean b, 95 % interval) of two independent rows."""
+    rng = np.random.default_rng(seed)
+    draws = bootstrap_means(a, rng) - bootstrap_means(b, rng)
+    d = float(np.mean([np.mean(g) for g in a]) - np.mean([np.mean(g) for g in b]))
+    return d, float(np.quantile(draws, 0.025)), float(np.quantile(draws, 0.975))
 
 
 CONTROL_LR = 1e-3  # every trained control part (adapter, encoder, ControlNet) at this rate
@@ -259,7 +312,7 @@ def format_control_table(rows: list[dict], ceiling: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=str(ROOT / "assets" / "toy-sd"))
-    p.add_argument("--methods", nargs="+", default=["oft", "boft", "ether", "ether_plus", "lora"])
+    p.add_argument("--methods", nargs="+", default=["oft", "boft", "ether", "ether_plus", "lora", "full"])
     p.add_argument("--tasks", nargs="+", default=["subject", "control"], choices=["subject", "control"])
     p.add_argument("--subject_steps", type=int, default=150)
     p.add_argument("--control_steps", type=int, default=600,
@@ -278,16 +331,20 @@ def main(argv=None) -> int:
                    help="train and keep the control references (needs --control_runs_dir), judge them later")
     p.add_argument("--control_merge", nargs="+", default=None, metavar="DIR",
                    help="only merge the control tables of these output dirs into --output_dir")
-    p.add_argument("--quick", action="store_true", help="middle LR only, half the steps")
+    p.add_argument("--train_seeds", type=int, default=None, help="training seeds per row (full 3, quick 1)")
+    p.add_argument("--eval_seeds", type=int, default=None,
+                   help="evaluation seeds per run, each 6 subject + 12 in-world images (full 6, quick 2)")
+    p.add_argument("--lr_factors", type=float, nargs="+", default=None, help="default 0.3 1 3 (quick: 1)")
+    p.add_argument("--quick", action="store_true", help="middle LR, 1 training seed, 2 evaluation seeds")
     p.add_argument("--output_dir", default=str(ROOT / "benchmarks" / "results"))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--name", default=None, help="output file stem (default quality / quality_quick)")
+    p.add_argument("--seed", type=int, default=0, help="first training seed")
+    p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.quick:
-        args.subject_steps //= 2
-        args.control_steps //= 2
-    factors = (1.0,) if args.quick else LR_FACTORS
+    train_seeds = [args.seed + i for i in range(args.train_seeds or (1 if args.quick else 3))]
+    eval_seeds = tuple(range(args.eval_seeds or (2 if args.quick else 6)))
+    factors = tuple(args.lr_factors or ((1.0,) if args.quick else LR_FACTORS))
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -304,13 +361,14 @@ def main(argv=None) -> int:
         control_task(args, out)
     if "subject" not in args.tasks:
         return 0
-    rows, grids = [], {}
+    rows, grids, samples = [], {}, {}
     start = time.time()
-    base_row = {"method": "base model", "lr": None, "params": 0, "seconds": 0.0}
+    base_row = {"method": "base model", "key": "base", "lr": None, "params": 0, "seconds": 0.0}
     pipe = load_toy_pipeline(args.model)
-    base_subject = evaluate_subject(pipe)
-    base_row.update(base_subject["scores"])
-    grids["base"] = [base_subject["rows"][0], base_subject["rows"][len(base_subject["rows"]) // 2]]
+    base_subject = evaluate_subject(pipe, seeds=eval_seeds)
+    samples["base"] = [per_image(base_subject, len(eval_seeds))]
+    base_row.update(summarise(samples["base"]))
+    grids["base"] = [base_subject["rows"][0], base_subject["rows"][len(eval_seeds)]]
     rows.append(base_row)
     print(format_row(base_row), flush=True)
     del pipe
@@ -319,11 +377,17 @@ def main(argv=None) -> int:
         grid_rows = []
         for factor in factors:
             lr = BASE_LR[key] * factor
-            row = {"method": spec.name, "key": key, "lr": lr, "seconds": 0.0}
-            info, result = run_subject(args.model, spec, lr, args.subject_steps, args.seed)
-            row.update(result["scores"], params=info["params"], seconds=row["seconds"] + info["seconds"],
-                       subject_loss=(info["first_loss"], info["last_loss"]))
-            grid_rows += [result["rows"][0], result["rows"][len(result["rows"]) // 2]]
+            row = {"method": spec.name, "key": key, "lr": lr, "seconds": 0.0, "train_seeds": train_seeds}
+            runs = []
+            for seed in train_seeds:
+                info, result = run_subject(args.model, spec, lr, args.subject_steps, seed, eval_seeds)
+                runs.append(per_image(result, len(eval_seeds)))
+                row.update(params=info["params"], seconds=row["seconds"] + info["seconds"])
+                row.setdefault("subject_loss", []).append((info["first_loss"], info["last_loss"]))
+                if seed == train_seeds[0]:
+                    grid_rows += [result["rows"][0], result["rows"][len(eval_seeds)]]
+            samples[f"{key}@{lr:.0e}"] = runs
+            row.update(summarise(runs))
             rows.append(row)
             print(format_row(row), flush=True)
             # partial results survive an interrupted run
@@ -335,27 +399,91 @@ def main(argv=None) -> int:
         image_grid([im for r in grid_rows for im in r], columns=max(len(r) for r in grid_rows)).save(
             out / f"quality_{key}.png")
     table = format_table(rows)
-    header = (f"Toy-world quality benchmark ({'quick' if args.quick else 'full'}): subject task "
-              f"{args.subject_steps} steps batch 4 on assets/subject; judged on 12 subject + 24 in-world prompts "
-              f"(20 DPM-Solver steps, guidance 4).  {platform.processor() or platform.machine()}, "
+    claims = format_claims(rows, samples) if "subject" in args.tasks else ""
+    full = (len(train_seeds), len(eval_seeds), factors) == (3, 6, LR_FACTORS)
+    mode = "quick" if args.quick else ("full" if full else "reduced")
+    header = (f"Toy-world quality benchmark ({mode}): subject task {args.subject_steps} steps batch 4 on "
+              f"assets/subject, {len(train_seeds)} training seed(s) per row, each judged on "
+              f"{6 * len(eval_seeds)} subject + {12 * len(eval_seeds)} in-world images ({len(eval_seeds)} "
+              f"evaluation seeds, 20 DPM-Solver steps, guidance 4); [95 % interval: two-level bootstrap over "
+              f"training seeds and images].  {platform.processor() or platform.machine()}, "
               f"{torch.get_num_threads()} threads, torch {torch.__version__}; total {elapsed / 60:.1f} min.")
-    print("\n" + header + "\n\n" + table)
-    name = "quality_quick" if args.quick else "quality"
-    (out / f"{name}.md").write_text(header + "\n\n" + table + "\n", encoding="utf-8")
-    (out / f"{name}.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
+    print("\n" + header + "\n\n" + table + "\n\n" + claims)
+    name = args.name or ("quality_quick" if args.quick else "quality")
+    (out / f"{name}.md").write_text(header + "\n\n" + table + "\n\n" + claims + "\n", encoding="utf-8")
+    (out / f"{name}.json").write_text(json.dumps({"rows": rows, "samples": samples}, indent=1), encoding="utf-8")
     (out / "quality_partial.json").unlink(missing_ok=True)
     return 0
 
 
-COLUMNS = [("params", "trainable params", "{:,}"), ("subject_fidelity", "subject fidelity", "{:.3f}"),
-           ("prompt_fidelity", "prompt fidelity", "{:.3f}"), ("prior_preservation", "prior preservation", "{:.3f}"),
+INTERVAL_KEYS = ("subject_fidelity", "prompt_fidelity", "prior_preservation")
+
+
+def summarise(runs: list[dict[str, list[float]]]) -> dict:
+    """A row's mean and 95 % interval of each judged figure over its runs' images."""
+    out = {}
+    for k in INTERVAL_KEYS:
+        mean, lo, hi = interval([r[k] for r in runs])
+        out[k], out[k + "_ci"] = mean, (lo, hi)
+    return out
+
+
+def format_claims(rows: list[dict], samples: dict) -> str:
+    """The papers' claims as bootstrapped differences (95 % intervals)."""
+    best = {}  # per method, its row of highest subject fidelity
+    for r in rows:
+        if r.get("lr") is None:
+            continue
+        if r["key"] not in best or r["subject_fidelity"] > best[r["key"]]["subject_fidelity"]:
+            best[r["key"]] = r
+    lines = []
+
+    def runs(r, k):
+        return [s[k] for s in samples[f"{r['key']}@{r['lr']:.0e}"]]
+
+    if "ether_plus" in best and "lora" in best:
+        e, lo = best["ether_plus"], best["lora"]
+        d_sub = difference(runs(e, "subject_fidelity"), runs(lo, "subject_fidelity"))
+        d_pri = difference(runs(e, "prior_preservation"), runs(lo, "prior_preservation"))
+        lines.append(f"- ETHER+ ({e['params']:,} parameters, {e['params'] / lo['params']:.2f}x LoRA r=4's "
+                     f"{lo['params']:,}) "
+                     f"at its best lr {e['lr']:.0e} vs LoRA at {lo['lr']:.0e}: subject fidelity {d_sub[0]:+.3f} "
+                     f"[{d_sub[1]:+.3f}, {d_sub[2]:+.3f}], prior preservation {d_pri[0]:+.3f} "
+                     f"[{d_pri[1]:+.3f}, {d_pri[2]:+.3f}]")
+    for key in ORTHOGONAL + ("lora", "full"):
+        mine = [r for r in rows if r.get("key") == key]
+        if len(mine) < 2:
+            continue
+        hi, lo = max(mine, key=lambda r: r["subject_fidelity"]), min(mine, key=lambda r: r["subject_fidelity"])
+        d = difference(runs(hi, "subject_fidelity"), runs(lo, "subject_fidelity"))
+        lines.append(f"- {hi['method']}: subject fidelity over lr {min(r['lr'] for r in mine):.0e}-"
+                     f"{max(r['lr'] for r in mine):.0e} spans {lo['subject_fidelity']:.3f}-"
+                     f"{hi['subject_fidelity']:.3f} "
+                     f"(best - worst {d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}], {d[0] / hi['subject_fidelity']:.0%} "
+                     f"of the best)")
+    if "full" in best:
+        f = best["full"]
+        for key in ORTHOGONAL + ("lora",):
+            if key in best:
+                d = difference(runs(best[key], "subject_fidelity"), runs(f, "subject_fidelity"))
+                lines.append(f"- {best[key]['method']} (best lr) - full finetuning (best lr): subject fidelity "
+                             f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]")
+    return "\n".join(lines)
+
+
+COLUMNS = [("params", "trainable params", "{:,}"), ("subject_fidelity", "subject fidelity [95 %]", "{:.3f}"),
+           ("prompt_fidelity", "prompt fidelity [95 %]", "{:.3f}"),
+           ("prior_preservation", "prior preservation [95 %]", "{:.3f}"),
            ("seconds", "train s", "{:.0f}")]
 
 
 def format_row(row: dict) -> str:
     cells = [row["method"], "–" if row.get("lr") is None else f"{row['lr']:.0e}"]
     for key, _, fmt in COLUMNS:
-        cells.append(fmt.format(row[key]) if key in row else "–")
+        cell = fmt.format(row[key]) if key in row else "–"
+        if key + "_ci" in row:
+            cell += " [{:.3f}, {:.3f}]".format(*row[key + "_ci"])
+        cells.append(cell)
     return "| " + " | ".join(cells) + " |"
 
 

@@ -30,9 +30,12 @@ class AdapterSpec:
     name: str
     config: AdapterConfig | None = None
     lora_rank: int | None = None
+    full: bool = False  # full finetuning of the UNet (the reference row): no adapter
 
     def attach(self, unet: torch.nn.Module) -> list[torch.nn.Parameter]:
         """Add the adapter to a frozen UNet; returns its trainable parameters."""
+        if self.full:
+            return list(unet.requires_grad_(True).parameters())
         if self.config is not None:
             add_adapter(unet, self.config)
         else:
@@ -43,6 +46,8 @@ class AdapterSpec:
         return [p for p in unet.parameters() if p.requires_grad]
 
     def trainable_count(self, unet: torch.nn.Module) -> int:
+        if self.full:
+            return sum(p.numel() for p in unet.parameters())
         if self.config is not None:
             return count_adapter_parameters(unet)
         return sum(p.numel() for n, p in unet.named_parameters() if "lora_" in n)
