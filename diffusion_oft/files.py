@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from . import __version__
+from ._version import __version__
 from .config import AdapterConfig
 from .methods import get_method_class
 from .model import adapter_configs, add_adapter, find_targets, named_ortho_layers, validate_targets
@@ -142,15 +143,31 @@ def save_adapter(
         }
     if not tensors:
         raise ValueError(f"nothing to save: no adapter named {adapter_name!r} in {type(model_or_pipeline).__name__}")
+    return write_adapter_file(tensors, configs, base, path, extra_metadata)
+
+
+def write_adapter_file(
+    tensors: dict[str, torch.Tensor],
+    configs: dict[str, dict[str, Any]] | dict[str, AdapterConfig],
+    base_model: dict[str, dict],
+    path: str | os.PathLike,
+    extra_metadata: dict[str, str] | None = None,
+) -> Path:
+    """The one writer of the adapter format: float32 tensors keyed ``<component>.<path>.<param>``,
+    {component: config} and {component: base-model hints} in the metadata (atomically)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"adapter files are .safetensors; got {path.name!r}")
+    as_dicts = {c: cfg.to_dict() if isinstance(cfg, AdapterConfig) else cfg for c, cfg in configs.items()}
     metadata = {
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
         "library_version": __version__,
-        "adapter_config": json.dumps(configs, sort_keys=True),
-        "base_model": json.dumps(base, sort_keys=True),
+        "adapter_config": json.dumps(as_dicts, sort_keys=True),
+        "base_model": json.dumps(base_model, sort_keys=True),
         **(extra_metadata or {}),
     }
-    atomic_save_file(tensors, path, metadata)
+    atomic_save_file({k: v.float().contiguous() for k, v in tensors.items()}, path, metadata)
     return path
 
 
@@ -238,25 +255,42 @@ def load_adapter(
     name = Path(path).name
     try:
         tensors, configs = _read_for_loading(pipeline_or_model, path, component)
-        return _load_tensors(pipeline_or_model, tensors, configs, name, adapter_name, component)
+        return load_tensors(pipeline_or_model, tensors, configs, name, adapter_name, component)
     except AdapterFileError as err:
         raise AdapterFileError(one_line(err, 500)) from None
 
 
+# Readers of other formats (PEFT folders / files, kohya / LyCORIS files), asked in order by
+# ``load_adapter`` for anything that is not our own file: ``reader(path, target, component)`` returns
+# (tensors, configs) in our layout or raises AdapterFileError.  ``diffusion_oft.convert`` registers its
+# reader when imported (the package's ``__init__`` imports it), so this floor never imports a higher one.
+ForeignReader = Callable[[Path, Any, "str | None"], "tuple[dict[str, torch.Tensor], dict[str, AdapterConfig]]"]
+FOREIGN_READERS: list[ForeignReader] = []
+
+
+def register_reader(reader: ForeignReader) -> ForeignReader:
+    """Add a reader of a foreign adapter format for ``load_adapter`` (usable as a decorator)."""
+    if reader not in FOREIGN_READERS:
+        FOREIGN_READERS.append(reader)
+    return reader
+
+
 def _read_for_loading(target: Any, path: str | os.PathLike, component: str | None):
-    """(tensors, configs) of our own files; PEFT folders / files and kohya / LyCORIS files are
-    converted on the fly by ``diffusion_oft.convert`` (against ``target``, still unchanged)."""
-    if not Path(path).is_dir():
+    """(tensors, configs) of our own files; other formats go to the registered readers
+    (``FOREIGN_READERS``: ``diffusion_oft.convert``), which convert against ``target``, still unchanged."""
+    path = Path(path)
+    metadata: dict[str, str] = {}
+    if not path.is_dir():
         tensors, metadata = read_adapter_file(path)
         if metadata.get("format") == FORMAT_NAME:
-            return tensors, parse_metadata(metadata, Path(path).name)
-    from .convert import read_adapter  # lazy: convert builds on this module
+            return tensors, parse_metadata(metadata, path.name)
+    for reader in FOREIGN_READERS:
+        return reader(path, target, component)
+    parse_metadata(metadata, path.name)  # no reader registered: the plain "not a diffusion-oft adapter" error
+    raise AdapterFileError(f"{path.name}: not a diffusion-oft adapter")
 
-    native = read_adapter(path, target, component)
-    return native.tensors, native.configs
 
-
-def _load_tensors(
+def load_tensors(
     pipeline_or_model: Any,
     tensors: dict[str, torch.Tensor],
     configs: dict[str, AdapterConfig],

@@ -19,6 +19,8 @@ import sys
 import types
 from pathlib import Path
 
+from . import CommandError
+
 # Short names for common schedulers; any diffusers scheduler class name is accepted too.
 SCHEDULERS: dict[str, tuple[str, dict]] = {
     "ddim": ("DDIMScheduler", {}),
@@ -106,7 +108,6 @@ def register(subparsers) -> None:
 
 def check_args(args) -> None:
     """Every check that can run before the model is loaded (raises ValueError, one line)."""
-    from ..cli import CommandError
 
     if not args.prompt.strip():
         raise CommandError("--prompt is empty")
@@ -185,7 +186,6 @@ def scheduler_class(name: str):
     """(diffusers scheduler class, extra config) for a short name or a class name."""
     import diffusers
 
-    from ..cli import CommandError
 
     class_name, extra = SCHEDULERS.get(name.lower(), (name, {}))
     cls = getattr(diffusers, class_name, None) if class_name.endswith("Scheduler") else None
@@ -211,7 +211,6 @@ def resolve_device_and_dtype(args):
 
 def load_pipeline(args, dtype):
     """The text-to-image pipeline of --model (the controllable one when --control_image is given)."""
-    from ..cli import CommandError
 
     if args.control_image:
         return load_control_pipeline(args, dtype)
@@ -236,7 +235,6 @@ def dtype_kwarg(dtype) -> dict:
 def load_control_pipeline(args, dtype):
     """The controllable pipeline of --model with the condition encoder paired with ``args.control_adapter``
     (the adapters themselves, that one included, are loaded by ``run`` like any others)."""
-    from ..cli import CommandError
     from ..control import load_paired_encoder
     from ..pipelines.stable_diffusion_control import OrthoStableDiffusionControlPipeline
 
@@ -270,7 +268,6 @@ def control_call_kwargs(args, pipe, index: int = 0) -> dict:
 
 
 def set_scheduler(pipe, name: str) -> str:
-    from ..cli import CommandError
 
     cls, extra = scheduler_class(name)
     compatible = {c.__name__ for c in getattr(pipe.scheduler, "compatibles", [])} | {type(pipe.scheduler).__name__}
@@ -301,7 +298,6 @@ def run(args) -> int:
     import torch
 
     from .. import inference
-    from ..cli import CommandError
 
     device, dtype = resolve_device_and_dtype(args)
     pipe = load_pipeline(args, dtype)

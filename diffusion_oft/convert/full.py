@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import __version__
+from .._version import __version__
 from ..attention import uninstall_processors
 from ..files import atomic_save_file, is_pipeline
 from ..model import CONFIGS_ATTR, adapter_configs, named_ortho_layers, remove_adapter
@@ -47,7 +47,7 @@ def native_to_diff(
     native: NativeAdapter, target, dtype: str = "auto"
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """kohya-style ``<name>.diff`` = merged weight - base weight for every adapted layer."""
-    from . import load_native
+    from .common import load_native
 
     load_native(target, native, adapter_name=TEMP_ADAPTER)
     components = list(native.configs)
@@ -152,7 +152,7 @@ def load_base(model_path: str | os.PathLike, native: NativeAdapter):
 
 def write_merged(native: NativeAdapter, model_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Base model/pipeline + adapter -> a folder ``from_pretrained`` loads, adapter merged in."""
-    from . import load_native
+    from .common import load_native
 
     out_dir = Path(out_dir)
     target = load_base(model_path, native)

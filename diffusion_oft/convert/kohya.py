@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import __version__
+from .._version import __version__
 from ..config import AdapterConfig
 from ..files import AdapterFileError, atomic_save_file
 from ..methods.butterfly import butterfly_permutation

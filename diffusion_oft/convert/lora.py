@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import __version__
+from .._version import __version__
 from ..files import atomic_save_file, is_pipeline
 from ..layers import OrthoLinear, _apply_to_weight
 from ..methods.transforms import LowRankBlockTransform
@@ -144,7 +144,7 @@ def layer_lora(
 @contextlib.contextmanager
 def _loaded(native: NativeAdapter, target):
     """The adapter loaded into ``target`` under a temporary name; removed afterwards."""
-    from . import load_native
+    from .common import load_native
 
     load_native(target, native, adapter_name=TEMP_ADAPTER)
     try:
