@@ -160,6 +160,7 @@ def test_dreambooth_on_the_toy_model_reports_the_judge_and_keeps_the_world(tmp_p
     """A shortened README main job (prior preservation with the captioned assets/prior images): the
     judge's figures are written for base model and adapter, and in-world prompts keep working.
     (How far the star is learnt is the README main job's figure, at 200 steps; 60 steps here.)"""
+    from diffusion_oft.toyworld.evaluate import judge_adapter
     from diffusion_oft.training.dreambooth import main as train_main
 
     out = tmp_path / "run"
@@ -170,7 +171,7 @@ def test_dreambooth_on_the_toy_model_reports_the_judge_and_keeps_the_world(tmp_p
         "--max_train_steps", str(MAIN_JOB_STEPS), "--learning_rate", str(MAIN_JOB_LR), "--train_batch_size", "4",
         "--block_size", "32",
         "--validation_steps", "100000", "--report_to", "none", "--judge", "toyworld",
-    ])
+    ], judge=judge_adapter)
     scores = json.loads((out / "judge.json").read_text())
     assert scores == summary["judge"]
     base, adapted = scores["base model"], scores["with the adapter"]

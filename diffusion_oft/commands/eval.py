@@ -86,8 +86,8 @@ def run_toyworld(args) -> int:
     import json
     from pathlib import Path
 
+    from ..images import image_grid, save_grid
     from ..toyworld.evaluate import CONTROL_SCALES, evaluate_control_task, format_control_table
-    from ..training.validation import image_grid, save_grid
 
     pipe = load_control_pipeline(args)
     result = evaluate_control_task(pipe, steps=args.num_inference_steps, guidance=args.guidance_scale,

@@ -23,9 +23,10 @@ def register(subparsers) -> None:
 
 
 def run_dreambooth(args) -> int:
+    from ..toyworld.evaluate import judge_adapter
     from ..training.dreambooth import main
 
-    main(args=args)
+    main(args=args, judge=judge_adapter)
     return 0
 
 

@@ -56,7 +56,7 @@ def format_table(summary: dict, n: int) -> str:
 
 
 def write_report(result: dict, output_dir: str | Path) -> dict[str, Path]:
-    from ..training.validation import image_grid, save_grid
+    from ..images import image_grid, save_grid
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -75,8 +75,8 @@ def format_subject_table(results: dict[str, dict]) -> str:
 def judge_adapter(pipe, output_dir: str | Path, log=print) -> dict:
     """Judge a pipeline whose components carry an adapter, against the same pipeline with the adapter
     switched off (the base model).  Writes judge.json, judge.md and judge.png to output_dir."""
+    from ..images import image_grid, save_grid
     from ..inference import set_adapter_enabled
-    from ..training.validation import image_grid, save_grid
 
     output_dir = Path(output_dir)
     set_adapter_enabled(pipe, False)

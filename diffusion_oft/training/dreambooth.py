@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -42,9 +43,19 @@ def vae_dtype(base, args, weight_dtype: torch.dtype) -> torch.dtype:
     return weight_dtype
 
 
+# A judge scores the trained adapter: judge(pipeline, output_dir, log=...) -> {setting: scores}.  The
+# training floor never imports one: the caller hands it in (``--judge toyworld``: the command line and
+# train_scripts/train_dreambooth.py pass ``diffusion_oft.toyworld.evaluate.judge_adapter``).
+Judge = Callable[..., dict]
+
+
 class DreamBoothTrainer(AdapterTrainer):
     task = "dreambooth"
     project_name = "dreambooth-oft"
+
+    def __init__(self, args, judge: Judge | None = None):
+        super().__init__(args)
+        self.judge = judge
 
     def setup(self) -> None:
         args, accelerator = self.args, self.accelerator
@@ -241,12 +252,10 @@ class DreamBoothTrainer(AdapterTrainer):
 
     def run(self) -> dict:
         summary = super().run()
-        if self.args.judge == "toyworld" and self.is_main:
-            from ..toyworld.evaluate import judge_adapter
-
+        if self.args.judge and self.is_main:
             self.set_train_mode(False)
             pipe = inference_pipeline(self.base)
-            summary["judge"] = judge_adapter(pipe, self.output_dir, log=self.log)
+            summary["judge"] = self.judge(pipe, self.output_dir, log=self.log)
             self.log(f"judge figures: {self.output_dir / 'judge.md'}, images: {self.output_dir / 'judge.png'}")
         return summary
 
@@ -305,12 +314,18 @@ image = pipe("{args.instance_prompt}").images[0]
         )
 
 
-def main(argv: list[str] | None = None, args=None) -> dict:
-    """Parse (or take) the arguments and train; returns the run summary."""
+def main(argv: list[str] | None = None, args=None, judge: Judge | None = None) -> dict:
+    """Parse (or take) the arguments and train; returns the run summary.  ``judge``: what ``--judge``
+    runs after training (``diffusion_oft.toyworld.evaluate.judge_adapter`` for ``--judge toyworld``)."""
     from ..console import setup_console
 
     setup_console()
     if args is None:
         args = dreambooth_parser().parse_args(argv)
     finalize_args(args, "dreambooth")
-    return DreamBoothTrainer(args).run()
+    if args.judge and judge is None:
+        raise ValueError(
+            f"--judge {args.judge}: pass the judge to main(..., judge=...) "
+            "(diffusion_oft.toyworld.evaluate.judge_adapter; the command line and train_scripts do)"
+        )
+    return DreamBoothTrainer(args, judge).run()
