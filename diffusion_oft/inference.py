@@ -39,6 +39,7 @@ from torch import nn
 from . import model as _model
 from .files import default_component_name, is_pipeline, load_adapter, unwrap_compiled
 from .layers import OrthoLinear
+from .methods import get_method_class
 from .model import adapter_configs, ortho_layers
 
 __all__ = [
@@ -338,18 +339,6 @@ _TEXT_WIDTHS = {
 }
 
 
-def _input_width(key: str, shape: tuple[int, ...]) -> int | None:
-    """A projection's input width from one of its input-side adapter tensors (None if unknown)."""
-    param = key.rsplit(".", 1)[-1]
-    if param == "skew" and len(shape) >= 2:  # OFT (n, b(b-1)/2) or BOFT (m, n, b(b-1)/2)
-        t = shape[-1]
-        b = round((1 + (1 + 8 * t) ** 0.5) / 2)
-        return shape[-2] * b if b * (b - 1) // 2 == t else None
-    if param in ("u_in", "v_in") and len(shape) == 2:  # ETHER / ETHER+ (n, b)
-        return shape[0] * shape[1]
-    return None
-
-
 def base_model_hints(path: str | os.PathLike) -> dict[str, str]:
     """{component: a line saying which base model the adapter fits}, from the saved base-model
     metadata and the widths the tensor shapes imply (cross-attention / text-encoder width)."""
@@ -364,14 +353,14 @@ def base_model_hints(path: str | os.PathLike) -> dict[str, str]:
     for comp, config in configs.items():
         parts = []
         width = None
-        input_side = config.side == "input" or (config.method == "ether_plus" and config.ether_plus_two_sided)
-        if input_side:
+        method_cls = get_method_class(config.method)
+        if method_cls.transforms_input(config):
             probe = {"unet": ".attn2.to_k.", "controlnet": ".attn2.to_k.", "transformer": ".attn.to_q."}.get(
                 comp, ".self_attn.q_proj."
             )
             for key, tensor in tensors.items():
                 if key.startswith(comp + ".") and probe in key:
-                    width = _input_width(key, tuple(tensor.shape))
+                    width = method_cls.input_width(config, key.rsplit(".", 1)[-1], tuple(tensor.shape))
                     if width:
                         break
         if comp in ("unet", "controlnet") and width:

@@ -30,6 +30,7 @@ from ..files import (
     read_adapter_file,
     register_reader,
 )
+from ..methods import METHOD_REGISTRY
 from .common import (
     ConversionError,
     ConversionWarning,
@@ -77,7 +78,8 @@ def detect_format(keys, metadata: dict[str, str] | None = None) -> str:
         return "peft"
     sample = next((k for k in keys if not is_kohya_key(k) and not is_peft_key(k)), keys[0])
     hint = ""
-    if sample.rpartition(".")[2] in ("skew", "u_in", "u_out", "v_in", "v_out", "magnitude"):
+    ours = {"magnitude"}.union(*(cls.tensor_names for cls in METHOD_REGISTRY.values()))
+    if sample.rpartition(".")[2] in ours:
         hint = " (diffusion-oft tensor names, but the file's metadata is missing)"
     raise AdapterFileError(
         f"not a diffusion-oft adapter, nor a PEFT or kohya/LyCORIS OFT/BOFT file: key {sample!r}{hint}"

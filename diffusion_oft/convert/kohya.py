@@ -38,6 +38,8 @@ from torch import nn
 from .._version import __version__
 from ..config import AdapterConfig
 from ..files import AdapterFileError, atomic_save_file
+from ..methods import get_method_class
+from ..methods.base import method_by
 from ..methods.butterfly import butterfly_permutation
 from ..methods.cayley import skew_from_triu, triu_from_skew
 from .common import ConversionError, NativeAdapter, structure_fields, target_fields, warn
@@ -385,7 +387,10 @@ def _component_to_native(
     if len(ms) > 1:
         raise AdapterFileError(f"{name}: BOFT layers with different numbers of butterfly stages {sorted(ms)}")
     kwargs: dict = {"side": "output", "cayley_mode": "exact", "magnitude": rescaled}
-    kwargs.update({"method": "boft", "n_butterfly_factors": ms.pop()} if boft else {"method": "oft"})
+    if boft:
+        kwargs.update(method=method_by(lycoris_algo="boft").name, n_butterfly_factors=ms.pop())
+    else:
+        kwargs["method"] = method_by(lycoris_algo="diag-oft").name
     kwargs.update(structure_fields(shapes, name))
     kwargs["extra"] = {"converted_from": "lycoris"}
     kwargs.update(target_fields(list(shapes), kwargs, model))
@@ -438,7 +443,8 @@ def native_to_kohya(native: NativeAdapter) -> dict[str, torch.Tensor]:
     components = list(native.configs)
     for comp, config in native.configs.items():
         where = f"{comp} adapter ({config.method}, side={config.side})"
-        if config.method not in ("oft", "boft"):
+        algo = get_method_class(config.method).lycoris_algo
+        if algo is None:
             raise ConversionError(
                 f"{where}: kohya/LyCORIS files have no {config.method}; use --to diff (exact full weight deltas, "
                 "read by ComfyUI and A1111) or --to merged"
@@ -454,7 +460,7 @@ def native_to_kohya(native: NativeAdapter) -> dict[str, torch.Tensor]:
                 f"{where}: LyCORIS uses the exact Cayley transform; this adapter uses the Cayley-Neumann series, "
                 "use --to diff instead"
             )
-        if config.magnitude and config.method == "oft":
+        if config.magnitude and algo == "diag-oft":
             warn(
                 f"{where}: the per-output scale is written as LyCORIS 'rescale'; LyCORIS and A1111 >= 1.9 apply it, "
                 "ComfyUI (0.3.6x) and A1111 < 1.9 ignore it for OFT (the result is then off there): use --to diff "
@@ -465,7 +471,7 @@ def native_to_kohya(native: NativeAdapter) -> dict[str, torch.Tensor]:
             vec = params["skew"].float()
             s = skew_from_triu(vec, _block_size(vec.shape[-1]))
             # OFT: Q = B - B^T = -S (the weight gets r^T);  BOFT: Q = S re-indexed per stage
-            blocks = -0.5 * s if config.method == "oft" else 0.5 * _boft_levels_from_native(s)
+            blocks = -0.5 * s if algo == "diag-oft" else 0.5 * _boft_levels_from_native(s)
             norm = torch.norm(s)
             state[f"{name}.oft_blocks"] = blocks.contiguous()
             # Above the layer's own norm: no client's constraint (radius alpha or alpha * out_dim) acts.
@@ -486,10 +492,10 @@ def write_kohya(native: NativeAdapter, path: str | os.PathLike) -> Path:
     if path.suffix != ".safetensors":
         raise ConversionError(f"{path.name}: kohya/LyCORIS files are .safetensors")
     state = native_to_kohya(native)
-    algos = {c.method for c in native.configs.values()}
+    algos = {get_method_class(c.method).lycoris_algo for c in native.configs.values()}
     metadata = {
         "ss_network_module": "lycoris.kohya",
-        "ss_network_args": json.dumps({"algo": "boft" if algos == {"boft"} else "diag-oft"}),
+        "ss_network_args": json.dumps({"algo": algos.pop() if len(algos) == 1 else "diag-oft"}),
         "converted_by": f"diffusion-oft {__version__}",
     }
     atomic_save_file(state, path, metadata)

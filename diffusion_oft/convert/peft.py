@@ -24,6 +24,8 @@ from torch import nn
 
 from ..config import AdapterConfig
 from ..files import AdapterFileError, atomic_save_file, read_adapter_file
+from ..methods import get_method_class
+from ..methods.base import method_by
 from ..methods.cayley import num_skew_params, skew_from_triu, triu_from_skew
 from .common import ConversionError, NativeAdapter, resolve_component, structure_fields, target_fields, warn
 
@@ -184,7 +186,7 @@ def peft_to_native(
                 vec = vec.expand(n, -1)
             shapes[paths[path]] = (n, b)
             out[f"{comp}.{paths[path]}.skew"] = (vec if neumann else -vec).contiguous().clone()
-        kwargs.update(method="oft", cayley_mode="neumann" if neumann else "exact")
+        kwargs.update(method=method_by(peft_type="OFT").name, cayley_mode="neumann" if neumann else "exact")
         if neumann:
             kwargs["neumann_terms"] = terms - 2
         if coft and len(rows_seen) == 1:
@@ -210,7 +212,9 @@ def peft_to_native(
                 if s is None:
                     raise AdapterFileError(f"{name}: {path!r} has boft_R but no boft_s")
                 out[f"{comp}.{paths[path]}.magnitude"] = s.reshape(-1).clone()
-        kwargs.update(method="boft", n_butterfly_factors=m, magnitude=magnitude, cayley_mode="exact")
+        kwargs.update(
+            method=method_by(peft_type="BOFT").name, n_butterfly_factors=m, magnitude=magnitude, cayley_mode="exact"
+        )
         if cfg.get("boft_dropout"):
             kwargs["dropout"] = float(cfg["boft_dropout"])
     kwargs.update(structure_fields(shapes, name))
@@ -277,26 +281,25 @@ def native_component_to_peft(
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """One component -> (PEFT state dict, adapter_config.json content)."""
     config = native.configs[comp]
+    method_cls = get_method_class(config.method)
     where = f"{comp} adapter ({config.method}, side={config.side})"
-    if config.method in ("ether", "ether_plus"):
-        raise ConversionError(
-            f"{where}: PEFT has no {config.method.upper().replace('_PLUS', '+')}; use --to diff or --to merged"
-        )
+    peft_type = method_cls.peft_type
+    if peft_type is None:
+        raise ConversionError(f"{where}: PEFT has no {method_cls.label}; use --to diff or --to merged")
     if config.side != "input":
         raise ConversionError(
             f"{where}: PEFT rotates the input side only; an output-side adapter converts exactly with --to kohya "
             "(or --to diff / --to merged)"
         )
-    method = config.method
-    if method == "oft" and config.magnitude:
-        method = "boft"  # PEFT OFT has no per-output scale; PEFT BOFT with m = 1 is OFT with boft_s
-    if method == "boft" and config.cayley_mode != "exact":
+    if peft_type == "OFT" and config.magnitude:
+        peft_type = "BOFT"  # PEFT OFT has no per-output scale; PEFT BOFT with m = 1 is OFT with boft_s
+    if peft_type == "BOFT" and config.cayley_mode != "exact":
         raise ConversionError(
             f"{where}: PEFT's BOFT uses the exact Cayley transform only, this adapter was trained with the "
             "Cayley-Neumann series; use --to diff or --to merged"
         )
-    m = config.n_butterfly_factors if config.method == "boft" else 1
-    if method == "boft" and m > 1:
+    m = config.n_butterfly_factors  # 1 for every method but BOFT
+    if peft_type == "BOFT" and m > 1:
         warn(
             f"{where}: n_butterfly_factors={m}: PEFT runs BOFT with m > 1 only with its CUDA extension (fbd_cuda); "
             "on CPU, or when that extension does not build, PEFT silently sets m = 1 and cannot load this adapter"
@@ -307,7 +310,7 @@ def native_component_to_peft(
     for path, params in layers.items():
         skew = params["skew"].float()
         key = f"{PEFT_PREFIX}{path}"
-        if method == "oft":
+        if peft_type == "OFT":
             # exact: PEFT computes (I - Q)(I + Q)^-1, so Q = -S; Neumann: same sign as ours
             state[f"{key}.oft_R.weight"] = (-skew if config.cayley_mode == "exact" else skew).contiguous()
             continue
@@ -326,7 +329,7 @@ def native_component_to_peft(
             "unknown (give the base model to write them); PEFT then keeps its initial value 1"
         )
     base_name = str(native.base_model.get(comp, {}).get("name_or_path", "") or "")
-    peft_config = _peft_config_json(config, method.upper(), list(layers), base_name)
+    peft_config = _peft_config_json(config, peft_type, list(layers), base_name)
     return state, peft_config
 
 

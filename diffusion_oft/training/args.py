@@ -12,36 +12,15 @@ import math
 import os
 from pathlib import Path
 
-METHODS = ("oft", "boft", "ether", "ether_plus")
+from ..config import AdapterConfig
+from ..methods import get_method_class, method_names
+from ..methods.base import METHOD_REGISTRY, exclusive_fields, field_owners
 
-# Defaults per method, from the papers' Stable Diffusion settings (see README, "Train a subject").
-#   OFT  (Qiu et al. 2023): r = 4 blocks, lr 6e-5, ~1000 steps at batch 1.
-#   BOFT (Liu et al. 2024; reference DreamBooth scripts): 8 blocks, lr 3e-5, dropout 0.1, ~1000 steps;
-#        m = 2 butterfly factors (m = 1 would be plain OFT).
-#   ETHER / ETHER+ (Bini et al. 2024): n = 4 blocks (any n: same parameter count), lr 6e-3,
-#        weight decay 0, ~1200 steps.
-DREAMBOOTH_DEFAULTS: dict[str, dict] = {
-    "oft": dict(num_blocks=4, learning_rate=6e-5, max_train_steps=1000, adam_weight_decay=1e-2, adapter_dropout=0.0),
-    "boft": dict(
-        num_blocks=8, n_butterfly_factors=2, learning_rate=3e-5, max_train_steps=1000,
-        adam_weight_decay=1e-2, adapter_dropout=0.1,
-    ),
-    "ether": dict(num_blocks=4, learning_rate=6e-3, max_train_steps=1200, adam_weight_decay=0.0, adapter_dropout=0.0),
-    "ether_plus": dict(
-        num_blocks=4, learning_rate=6e-3, max_train_steps=1200, adam_weight_decay=0.0, adapter_dropout=0.0
-    ),
-}
-# Control: OFT paper lr 1e-5 (encoder too); ETHER control lr 1e-3 with the encoder at <= 1e-4 and the
-# feed-forward projections adapted as well.
-CONTROL_DEFAULTS: dict[str, dict] = {
-    "oft": dict(num_blocks=4, learning_rate=1e-5, adam_weight_decay=1e-2, adapter_dropout=0.0, train_ff=False),
-    "boft": dict(
-        num_blocks=8, n_butterfly_factors=2, learning_rate=1e-5, adam_weight_decay=1e-2, adapter_dropout=0.0,
-        train_ff=False,
-    ),
-    "ether": dict(num_blocks=4, learning_rate=1e-3, adam_weight_decay=0.0, adapter_dropout=0.0, train_ff=True),
-    "ether_plus": dict(num_blocks=4, learning_rate=1e-3, adam_weight_decay=0.0, adapter_dropout=0.0, train_ff=True),
-}
+METHODS = method_names()
+# Defaults per method and task, from the papers' Stable Diffusion settings (see README, "Train a subject"):
+# each method's class states them (``training_defaults``); these are views of those.
+DREAMBOOTH_DEFAULTS: dict[str, dict] = {n: get_method_class(n).training_defaults["dreambooth"] for n in METHODS}
+CONTROL_DEFAULTS: dict[str, dict] = {n: get_method_class(n).training_defaults["control"] for n in METHODS}
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 FF_TARGETS = ("ff.net.0.proj", "ff.net.2")
 
@@ -60,11 +39,15 @@ def _add_adapter_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("adapter")
     g.add_argument("--method", default="oft", choices=METHODS, help="orthogonal adapter method (default: oft)")
     g.add_argument("--block_size", type=int, default=None, help="block size b (give this or --num_blocks)")
+    per_method = ", ".join(f"{n} {d['num_blocks']}" for n, d in DREAMBOOTH_DEFAULTS.items())
     g.add_argument("--num_blocks", type=int, default=None,
-                   help="number of blocks n per layer (default per method: oft 4, boft 8, ether/ether_plus 4)")
-    g.add_argument("--n_butterfly_factors", type=int, default=None, help="BOFT's m (default 2)")
-    g.add_argument("--coft_eps", type=float, default=None,
-                   help="COFT radius on each block's |S|_F, applied after every step (oft/boft; default off)")
+                   help=f"number of blocks n per layer (default per method: {per_method})")
+    added: set[str] = set()
+    for cls in METHOD_REGISTRY.values():  # the flags of the fields only some methods read (their classes say)
+        for name, kwargs in cls.cli_options.items():
+            if name not in added:
+                added.add(name)
+                g.add_argument(f"--{name}", default=None, **kwargs)
     g.add_argument("--target_modules", nargs="+", default=None,
                    help="attention projections to adapt (default: to_q to_k to_v to_out.0)")
     g.add_argument("--attention", default="all", choices=["self", "cross", "all"],
@@ -223,8 +206,10 @@ def control_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def adapter_config_from_args(args, targets=None, extra_targets=()):
     """The AdapterConfig the flags describe (``targets`` overrides --target_modules)."""
-    from ..config import DEFAULT_TARGETS, AdapterConfig
+    from ..config import DEFAULT_TARGETS
 
+    own = get_method_class(args.method).exclusive_fields
+    fields = {n: getattr(args, n, None) for n in exclusive_fields() if n in own or getattr(args, n, None) is not None}
     structure = {}
     if args.block_size is not None:
         structure["block_size"] = args.block_size
@@ -233,11 +218,10 @@ def adapter_config_from_args(args, targets=None, extra_targets=()):
     return AdapterConfig(
         method=args.method,
         **structure,
-        n_butterfly_factors=args.n_butterfly_factors if args.method == "boft" else 1,
+        **fields,
         target_modules=tuple(targets or args.target_modules or DEFAULT_TARGETS),
         extra_target_modules=tuple(extra_targets),
         attention=args.attention if targets is None else "all",
-        coft_eps=args.coft_eps,
         cayley_mode=args.cayley_mode,
         dropout=args.adapter_dropout,
         side=getattr(args, "side", "input"),
@@ -253,18 +237,24 @@ def _check_positive(args, *names: str) -> None:
 
 def finalize_args(args, task: str = "dreambooth"):
     """Fill per-method defaults and check the inputs (ValueError with a one-line message)."""
-    defaults = (DREAMBOOTH_DEFAULTS if task == "dreambooth" else CONTROL_DEFAULTS)[args.method]
+    method_cls = get_method_class(args.method)
+    defaults = method_cls.training_defaults["dreambooth" if task == "dreambooth" else "control"]
     env_rank = int(os.environ.get("LOCAL_RANK", -1))
     if env_rank != -1:
         args.local_rank = env_rank
     if args.block_size is None and args.num_blocks is None:
         args.num_blocks = defaults["num_blocks"]
-    if args.n_butterfly_factors is None:
-        args.n_butterfly_factors = defaults.get("n_butterfly_factors", 1) if args.method == "boft" else 1
-    elif args.method != "boft" and args.n_butterfly_factors != 1:
-        raise ValueError(f"--n_butterfly_factors applies to --method boft only (got --method {args.method})")
-    if args.coft_eps is not None and args.method not in ("oft", "boft"):
-        raise ValueError("--coft_eps applies to --method oft or boft only")
+    for name in exclusive_fields():  # the fields only some methods read: the method's default, or refused
+        neutral = AdapterConfig.__dataclass_fields__[name].default
+        value = getattr(args, name, None)
+        if name in method_cls.exclusive_fields:
+            if value is None:
+                setattr(args, name, defaults.get(name, neutral))
+        elif value is None:
+            setattr(args, name, neutral)
+        elif value != neutral:
+            owners = " or ".join(field_owners(name))
+            raise ValueError(f"--{name} applies to --method {owners} only (got --method {args.method})")
     for name in ("learning_rate", "adam_weight_decay", "adapter_dropout"):
         if getattr(args, name) is None:
             setattr(args, name, defaults[name])
