@@ -39,7 +39,7 @@ from torch import nn
 from . import model as _model
 from .files import default_component_name, is_pipeline, load_adapter, unwrap_compiled
 from .layers import OrthoLinear
-from .methods import get_method_class
+from .methods import METHOD_REGISTRY, get_method_class
 from .model import adapter_configs, ortho_layers
 
 __all__ = [
@@ -337,6 +337,17 @@ _TEXT_WIDTHS = {
     "text_encoder": {768: "CLIP ViT-L/14 (SD 1.x, SDXL)", 1024: "OpenCLIP ViT-H/14 (SD 2.x)"},
     "text_encoder_2": {1280: "OpenCLIP ViT-bigG/14 (SDXL)"},
 }
+
+
+def _input_width(key: str, shape: tuple[int, ...]) -> int | None:
+    """A projection's input width from one of its adapter tensors, whatever the method (None if unknown):
+    the first method class that reads it (``OrthoMethod.input_width``)."""
+    name = key.rsplit(".", 1)[-1]
+    for cls in METHOD_REGISTRY.values():
+        width = cls.input_width(None, name, shape)
+        if width:
+            return width
+    return None
 
 
 def base_model_hints(path: str | os.PathLike) -> dict[str, str]:
