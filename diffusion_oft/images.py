@@ -23,8 +23,9 @@ def image_grid(rows: list[list[Image.Image]], min_cell: int = 64, labels: list[s
         if labels:
             draw.text((2, y + 1), labels[r][: max(8, cols * cw // 6)], fill="black")
         for c, img in enumerate(row):
-            grid.paste(img.convert("RGB").resize((img.width * scale, img.height * scale), Image.NEAREST),
-                       (c * cw, y + label_h))
+            grid.paste(
+                img.convert("RGB").resize((img.width * scale, img.height * scale), Image.NEAREST), (c * cw, y + label_h)
+            )
     return grid
 
 

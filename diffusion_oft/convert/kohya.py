@@ -482,7 +482,7 @@ def native_to_kohya(native: NativeAdapter) -> dict[str, torch.Tensor]:
 
 
 def _block_size(n_elements: int) -> int:
-    from .peft import block_size_from_triangle
+    from .peft_math import block_size_from_triangle
 
     return block_size_from_triangle(n_elements, "skew")
 
