@@ -25,7 +25,7 @@ def randomize(unet, std: float = 0.3) -> None:
             p.add_(torch.randn_like(p) * std)
 
 
-@pytest.mark.parametrize("method", ["oft", "boft", "ether_plus"])
+@pytest.mark.parametrize("method", ["oft", "boft", "ether_plus", "hra"])
 @pytest.mark.parametrize("grad", [False, True])
 def test_exact_identity_at_init(tiny_unet, unet_inputs, method, grad):
     base = run_unet(tiny_unet, unet_inputs)
@@ -159,7 +159,7 @@ def test_fifty_steps_lower_the_loss(unet_inputs, method):
     unet = make_tiny_unet().train()
     target = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
     do.add_adapter(unet, do.AdapterConfig(**METHOD_CONFIGS[method], coft_eps=None))
-    lr = {"oft": 3e-2, "boft": 3e-2, "ether": 3e-2, "ether_plus": 3e-2}[method]
+    lr = {"oft": 3e-2, "boft": 3e-2, "ether": 3e-2, "ether_plus": 3e-2, "hra": 3e-2}[method]
     opt = torch.optim.Adam(do.adapter_parameters(unet), lr=lr)
     losses = []
     for _ in range(50):
