@@ -15,7 +15,7 @@ Everything else (targeting, merging, files, training) is method-agnostic.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 from torch import nn
@@ -26,6 +26,14 @@ if TYPE_CHECKING:  # the config floor asks this one (never the other way round a
     from ..config import AdapterConfig
 
 METHOD_REGISTRY: dict[str, type[OrthoMethod]] = {}
+
+
+class SharedBuild(Protocol):
+    """A build of several layers' transforms at once (``diffusion_oft.batching.TransformBatch``)."""
+
+    def transforms_of(
+        self, method: OrthoMethod, scale: float, dropout: bool
+    ) -> dict[str, BlockTransform] | None: ...
 
 
 def register_method(cls: type[OrthoMethod]) -> type[OrthoMethod]:
@@ -142,6 +150,10 @@ class OrthoMethod(nn.Module):
     def transforms_input(cls, config: AdapterConfig) -> bool:
         """Whether the adapter acts on its layers' input side (its tensors then give the input widths)."""
         return "input" in cls.sides(config)
+
+    # Set from outside, by ``diffusion_oft.batching.group_methods`` (``add_adapter``): the shared build of
+    # this adapter's layers with the same block shapes, which ``OrthoLinear`` asks first in training.
+    transform_batch: SharedBuild | None = None
 
     def __init__(self, in_features: int, out_features: int, config: AdapterConfig):
         super().__init__()

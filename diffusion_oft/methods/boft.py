@@ -15,6 +15,7 @@ from torch import nn
 
 from .base import OrthoMethod, block_structure, register_method
 from .cayley import SERIES_MAX_NORM, cayley, num_skew_params, series_factors, skew_from_triu
+from .placement import collapse_butterfly
 from .transforms import BlockTransform, ButterflyTransform
 
 if TYPE_CHECKING:
@@ -143,7 +144,7 @@ class BOFT(OrthoMethod):
         rotation = ButterflyTransform(blocks.flip(0) if m > 1 else blocks, list(reversed(range(m))))
         # m factors only mix coordinates within chunks of b * 2**(m-1): when such chunks are small, one
         # block-diagonal matmul with the product's blocks is cheaper than m matmuls + 2m shuffles.
-        if m > 1 and rotation.span <= max(2 * m * self.block_size, 32):
+        if collapse_butterfly(rotation.span, m, self.block_size):
             rotation = rotation.collapsed()
         return {cfg.side: rotation}
 
