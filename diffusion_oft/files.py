@@ -60,16 +60,24 @@ def unwrap_compiled(module: Any) -> Any:
     return getattr(module, "_orig_mod", module) if isinstance(module, nn.Module) else module
 
 
-def _adapted_components(target: Any, component: str | None) -> dict[str, nn.Module]:
+def pipeline_components(target: Any, component: str | None = None, adapted: bool = True) -> dict[str, nn.Module]:
+    """The one way to find a pipeline's models: {component name: model}, compiled wrappers unwrapped, a
+    MultiControlNetModel's nets as ``<name>.nets.<i>`` (when the wrapper itself carries no adapter).  For a
+    single model: {``component`` or its default name: model}.  ``adapted``: only the models with adapters."""
+    found: dict[str, nn.Module] = {}
     if is_pipeline(target):
-        found = {}
         for name, module in target.components.items():
             module = unwrap_compiled(module)
-            if isinstance(module, nn.Module) and adapter_configs(module):
+            nets = getattr(module, "nets", None)
+            if isinstance(nets, nn.ModuleList) and not adapter_configs(module):
+                found.update({f"{name}.nets.{i}": unwrap_compiled(net) for i, net in enumerate(nets)})
+            elif isinstance(module, nn.Module):
                 found[name] = module
-        return found
-    target = unwrap_compiled(target)
-    return {component or default_component_name(target): target}
+    else:
+        model = unwrap_compiled(target)
+        if isinstance(model, nn.Module):
+            found[component or default_component_name(model)] = model
+    return {n: m for n, m in found.items() if adapter_configs(m)} if adapted else found
 
 
 def plain_write_mode(path: str | os.PathLike) -> int:
@@ -126,7 +134,7 @@ def save_adapter(
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"adapter files are .safetensors; got {path.name!r}")
-    components = _adapted_components(model_or_pipeline, component)
+    components = pipeline_components(model_or_pipeline, component)
     tensors: dict[str, torch.Tensor] = {}
     configs, base = {}, {}
     for comp, module in components.items():
@@ -186,8 +194,7 @@ def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
             metadata = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as err:  # safetensors raises several error types for broken files
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise AdapterFileError(f"{path.name}: not a readable safetensors file ({reason})") from None
+        raise AdapterFileError(f"{path.name}: not a readable safetensors file ({one_line(err, first=True)})") from None
     return tensors, metadata
 
 
@@ -217,9 +224,13 @@ def parse_metadata(metadata: dict[str, str], name: str) -> dict[str, AdapterConf
         raise AdapterFileError(f"{name}: bad adapter_config in metadata ({one_line(err)})") from None
 
 
-def one_line(err: BaseException | str, limit: int = 300) -> str:
-    """An exception's message on one line, shortened: for error messages about untrusted files."""
-    text = " ".join(str(err).split()) or type(err).__name__
+def one_line(err: BaseException | str, limit: int = 300, first: bool = False) -> str:
+    """An exception's message on one line, shortened (the one trim of error messages for users);
+    ``first``: only its first non-empty line (tracebacks, library messages with a long tail)."""
+    text = str(err)
+    if first:
+        text = next((line for line in text.splitlines() if line.strip()), "")
+    text = " ".join(text.split()) or type(err).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -227,7 +238,7 @@ def _resolve_component(
     target: Any, comp: str, n_components: int, component: str | None, name: str, first_key: str | None = None
 ) -> nn.Module:
     if is_pipeline(target):
-        module = unwrap_compiled(getattr(target, comp, None))
+        module = pipeline_components(target, adapted=False).get(comp)
         if not isinstance(module, nn.Module):
             has = [c for c in COMPONENT_NAMES if isinstance(getattr(target, c, None), nn.Module)]
             tensor = f"tensor {first_key!r} is" if first_key else "adapter is"

@@ -37,7 +37,7 @@ from typing import Any
 from torch import nn
 
 from . import model as _model
-from .files import default_component_name, is_pipeline, load_adapter, unwrap_compiled
+from .files import is_pipeline, load_adapter, pipeline_components
 from .layers import OrthoLinear
 from .methods import METHOD_REGISTRY, get_method_class
 from .model import adapter_configs, ortho_layers
@@ -58,25 +58,9 @@ __all__ = [
 
 
 def adapted_components(pipeline_or_model: Any) -> dict[str, nn.Module]:
-    """{component name: model} of the parts that carry orthogonal adapters."""
-    if is_pipeline(pipeline_or_model):
-        components = {}
-        for name, module in pipeline_or_model.components.items():
-            module = unwrap_compiled(module)
-            nets = getattr(module, "nets", None)  # MultiControlNetModel: the adapters are on its nets
-            if isinstance(nets, nn.ModuleList) and not adapter_configs(module):
-                components.update({f"{name}.nets.{i}": unwrap_compiled(net) for i, net in enumerate(nets)})
-            else:
-                components[name] = module
-        return {
-            name: module
-            for name, module in components.items()
-            if isinstance(module, nn.Module) and adapter_configs(module)
-        }
-    model = unwrap_compiled(pipeline_or_model)
-    if isinstance(model, nn.Module) and adapter_configs(model):
-        return {default_component_name(model): model}
-    return {}
+    """{component name: model} of the parts that carry orthogonal adapters (``files.pipeline_components``:
+    a MultiControlNetModel's nets are ``controlnet.nets.<i>``)."""
+    return pipeline_components(pipeline_or_model)
 
 
 def _require(pipeline_or_model: Any) -> dict[str, nn.Module]:
@@ -117,17 +101,6 @@ def _refuse_if_merged(components: dict[str, nn.Module], action: str) -> None:
         raise RuntimeError(f"adapters are merged into the weights; call unmerge_adapter(...) before {action}")
 
 
-def _normalize_weights(names: list[str], weights: Sequence[float] | float | None) -> list[float] | None:
-    if weights is None:
-        return None
-    if isinstance(weights, (int, float)):
-        return [float(weights)] * len(names)
-    weights = [float(w) for w in weights]
-    if len(weights) != len(names):
-        raise ValueError(f"{len(names)} adapters but {len(weights)} weights")
-    return weights
-
-
 def set_adapters(
     pipeline_or_model: Any, names: Sequence[str] | str, weights: Sequence[float] | float | None = None
 ) -> None:
@@ -139,8 +112,6 @@ def set_adapters(
     means per method.
     """
     names = [names] if isinstance(names, str) else list(names)
-    if weights is None:
-        weights = [1.0] * len(names)
     if not is_pipeline(pipeline_or_model):
         _model.set_adapters(pipeline_or_model, names, weights)
         return
@@ -151,13 +122,11 @@ def set_adapters(
         raise ValueError(f"unknown adapters {unknown}; this pipeline has {known}")
     if len(set(names)) != len(names):
         raise ValueError(f"adapter names repeated in {names}")
-    scales = _normalize_weights(names, weights)
+    scales = _model.adapter_weights(names, weights)
     _refuse_if_merged(components, "changing the active adapters")
     for module in components.values():
         present = [i for i, n in enumerate(names) if n in adapter_configs(module)]
-        _model.set_adapters(
-            module, [names[i] for i in present], None if scales is None else [scales[i] for i in present]
-        )
+        _model.set_adapters(module, [names[i] for i in present], [scales[i] for i in present])
 
 
 def set_adapter_enabled(pipeline_or_model: Any, enabled: bool) -> None:
@@ -221,7 +190,7 @@ def load_adapters(
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     if names is not None and len(names) != len(paths):
         raise ValueError(f"{len(paths)} adapter files but {len(names)} names")
-    _normalize_weights([str(p) for p in paths], weights)  # checks the count before loading
+    _model.adapter_weights([str(p) for p in paths], weights)  # checks the count before loading
     existing = adapter_names(pipeline_or_model)
     components = adapted_components(pipeline_or_model)
     _refuse_if_merged(components, "loading another adapter")

@@ -19,6 +19,7 @@ import sys
 import types
 from pathlib import Path
 
+from ..files import one_line
 from . import CommandError
 
 # Short names for common schedulers; any diffusers scheduler class name is accepted too.
@@ -219,7 +220,7 @@ def load_pipeline(args, dtype):
     try:
         return AutoPipelineForText2Image.from_pretrained(args.model_path, **dtype_kwarg(dtype))
     except Exception as err:  # hub, config and class errors of many kinds
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        reason = one_line(err, first=True)
         raise CommandError(f"could not load --model {args.model}: {reason}") from None
 
 
@@ -241,12 +242,12 @@ def load_control_pipeline(args, dtype):
     try:
         pipe = OrthoStableDiffusionControlPipeline.from_pretrained(args.model_path, **dtype_kwarg(dtype))
     except Exception as err:  # hub, config and class errors of many kinds
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        reason = one_line(err, first=True)
         raise CommandError(f"could not load --model {args.model} as a controllable pipeline: {reason}") from None
     try:
         pipe.set_condition_encoder(load_paired_encoder(args.control_adapter, unet=pipe.unet))
     except (OSError, ValueError) as err:
-        raise CommandError(f"--adapter {args.control_adapter}: {str(err).splitlines()[0]}") from None
+        raise CommandError(f"--adapter {args.control_adapter}: {one_line(err, first=True)}") from None
     return pipe
 
 
@@ -311,7 +312,7 @@ def run(args) -> int:
         try:
             pipe.enable_model_cpu_offload(device=None if args.device == "auto" else args.device)
         except (RuntimeError, ImportError, ValueError) as err:
-            raise CommandError(f"--cpu_offload: {str(err).splitlines()[0]}") from None
+            raise CommandError(f"--cpu_offload: {one_line(err, first=True)}") from None
     else:
         pipe.to(device)
 

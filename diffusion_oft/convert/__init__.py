@@ -25,8 +25,8 @@ from ..files import (
     COMPONENT_NAMES,
     FORMAT_NAME,
     AdapterFileError,
-    default_component_name,
     is_pipeline,
+    pipeline_components,
     read_adapter_file,
     register_reader,
 )
@@ -87,16 +87,14 @@ def detect_format(keys, metadata: dict[str, str] | None = None) -> str:
 
 
 def _candidates(target: Any, component: str | None) -> dict[str, nn.Module] | None:
+    """The models an adapter file may be for: a pipeline's adapter-carrying kinds of component, in
+    ``COMPONENT_NAMES`` order (``files.pipeline_components``), or the one model."""
     if target is None:
         return None
-    if is_pipeline(target):
-        found = {}
-        for comp in COMPONENT_NAMES:
-            module = getattr(target, comp, None)
-            if isinstance(module, nn.Module):
-                found[comp] = module
+    found = pipeline_components(target, component, adapted=False)
+    if not is_pipeline(target):
         return found
-    return {component or default_component_name(target): target}
+    return {c: m for kind in COMPONENT_NAMES for c, m in found.items() if c == kind or c.startswith(kind + ".nets.")}
 
 
 def read_adapter(path: str | os.PathLike, target: Any = None, component: str | None = None) -> NativeAdapter:

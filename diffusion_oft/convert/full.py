@@ -13,7 +13,7 @@ from torch import nn
 from .._version import __version__
 from ..attention import uninstall_processors
 from ..files import atomic_save_file, is_pipeline
-from ..model import CONFIGS_ATTR, adapter_configs, named_ortho_layers, remove_adapter
+from ..model import CONFIGS_ATTR, adapter_configs, named_ortho_layers, remove_adapter, replace_submodule
 from .common import ConversionError, NativeAdapter
 from .kohya import kohya_name
 
@@ -85,9 +85,7 @@ def bake(module: nn.Module) -> nn.Module:
     model saves (``save_pretrained``) as an ordinary diffusers / transformers model."""
     for path, layer in named_ortho_layers(module):
         layer.merge()
-        parent_path, _, child = path.rpartition(".")
-        parent = module.get_submodule(parent_path) if parent_path else module
-        setattr(parent, child, layer.base_layer)
+        replace_submodule(module, path, layer.base_layer)
     uninstall_processors(module)
     if hasattr(module, CONFIGS_ATTR):
         setattr(module, CONFIGS_ATTR, {})

@@ -18,6 +18,7 @@ import torch
 from PIL import Image, ImageOps
 
 from ..console import UserFacingWarning
+from ..files import one_line
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -88,7 +89,7 @@ def check_image(path: Path, flag: str) -> None:
         with Image.open(path) as img:
             img.load()  # and the pixel data: verify() misses truncated JPEGs
     except Exception as err:  # PIL raises several types for broken files
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        reason = one_line(err, first=True)
         raise ValueError(f"{flag}: {path} is not a readable image ({reason})") from None
 
 

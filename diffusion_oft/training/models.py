@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..files import one_line
 from ..model_paths import BUILTIN_MODELS, looks_like_a_path, resolve_model_path  # noqa: F401 (re-exported)
 
 
@@ -60,7 +61,7 @@ def load_base_model(args) -> BaseModel:
         noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=rev)
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=rev, variant=variant)
     except OSError as err:
-        raise ValueError(f"cannot load the base model {path!r}: {str(err).splitlines()[0]}") from None
+        raise ValueError(f"cannot load the base model {path!r}: {one_line(err, first=True)}") from None
     vae_path = args.pretrained_vae_model_name_or_path
     vae = AutoencoderKL.from_pretrained(
         vae_path or path, subfolder=None if vae_path else "vae", revision=None if vae_path else rev,
