@@ -41,7 +41,8 @@ from .common import (
     save_native,
 )
 from .full import write_diff, write_merged
-from .kohya import is_kohya_key, kohya_key_names, kohya_name, kohya_to_native, write_kohya
+from .kohya import kohya_to_native, write_kohya
+from .kohya_names import is_kohya_key, kohya_key_names, kohya_name
 from .lora import lora_layout, lora_refusal, write_lora
 from .peft import WEIGHTS_NAME, is_peft_key, native_to_peft, peft_to_native, read_peft
 

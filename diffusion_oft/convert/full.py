@@ -15,7 +15,7 @@ from ..attention import uninstall_processors
 from ..files import atomic_save_file, is_pipeline
 from ..model import CONFIGS_ATTR, adapter_configs, named_ortho_layers, remove_adapter, replace_submodule
 from .common import ConversionError, NativeAdapter
-from .kohya import kohya_name
+from .kohya_names import kohya_name
 
 TEMP_ADAPTER = "diffusion_oft_convert"
 WIDER = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.float32: torch.float64}

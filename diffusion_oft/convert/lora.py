@@ -30,7 +30,7 @@ from ..files import atomic_save_file, is_pipeline
 from ..layers import OrthoLinear, _apply_to_weight
 from ..model import adapter_configs, named_ortho_layers, remove_adapter
 from .common import ConversionError, NativeAdapter
-from .kohya import kohya_name
+from .kohya_names import kohya_name
 
 DEFAULT_MAX_ERROR = 0.05  # OFT / BOFT default: 5 % relative Frobenius error of each layer's ΔW
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' load_lora_weights looks for
