@@ -221,6 +221,7 @@ def control_run(tmp_path_factory):
     return root, model, data, out, flags, result
 
 
+@pytest.mark.slow  # end to end: control training
 def test_control_training_outputs_and_pipeline(control_run):
     from diffusion_oft.pipelines.stable_diffusion_control import OrthoStableDiffusionControlPipeline
 
@@ -246,6 +247,7 @@ def test_control_training_outputs_and_pipeline(control_run):
     assert np.abs(window - with_cond).mean() > 0 and np.abs(window - without).mean() > 0
 
 
+@pytest.mark.slow  # end to end: control training
 def test_control_resume_is_bit_exact(control_run):
     root, model, data, out, flags, _ = control_run
     resumed = root / "resumed"
@@ -259,6 +261,7 @@ def test_control_resume_is_bit_exact(control_run):
             assert torch.equal(a[key], b[key]), (name, key)
 
 
+@pytest.mark.slow  # end to end: control training
 def test_custom_pipeline_file_and_eval_control(control_run, capsys):
     from diffusers import DiffusionPipeline
 
@@ -279,6 +282,7 @@ def test_custom_pipeline_file_and_eval_control(control_run, capsys):
     assert (root / "eval" / "control_eval.png").is_file()
 
 
+@pytest.mark.slow  # end to end: control training
 def test_datasets_dataset_with_canny_on_the_fly(tmp_path):
     datasets = pytest.importorskip("datasets")
     model = save_tiny_sd(tmp_path / "tiny-sd")
@@ -298,6 +302,7 @@ def test_datasets_dataset_with_canny_on_the_fly(tmp_path):
     assert (out / "samples.png").is_file()
 
 
+@pytest.mark.slow  # end to end: control training
 def test_controlnet_mode(tmp_path):
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 

@@ -76,6 +76,7 @@ from transformers import CLIPImageProcessor  # what diffusers' pipelines import
 """
 
 
+@pytest.mark.slow  # end to end: subprocesses
 @pytest.mark.skipif(__import__("importlib").util.find_spec("torchvision") is not None,
                     reason="the warning is only given without torchvision")
 def test_no_warnings_about_torchvision_from_our_commands():

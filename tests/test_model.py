@@ -341,6 +341,7 @@ def test_other_diffusers_models():
     assert len(do.model.ortho_layers(dit)) == 4
 
 
+@pytest.mark.slow  # torch.compile
 @pytest.mark.parametrize("method", ALL)
 def test_no_graph_breaks_inside_adapted_attention(tiny_unet, method):
     do.add_adapter(tiny_unet, do.AdapterConfig(**METHOD_CONFIGS[method]))

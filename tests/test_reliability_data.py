@@ -143,6 +143,7 @@ def argv(model, data, out, *extra):
     ]
 
 
+@pytest.mark.slow  # end to end: training
 def test_training_on_a_messy_folder_default_and_strict(messy, tiny_model, tmp_path, capsys):
     folder, good, bad = messy
     with pytest.warns(BadDataWarning, match=f"skipped {len(bad)}"):

@@ -143,6 +143,8 @@ def test_torn_checkpoints_are_detected_and_skipped(tmp_path, capsys):
 # A pickle that writes a file when it is unpickled (what a checkpoint folder from elsewhere could hold).
 HOSTILE = """
 import pickle, sys
+
+pytestmark = pytest.mark.slow  # interruption
 class Boom:
     def __reduce__(self):
         return (open, (sys.argv[2], "w"))

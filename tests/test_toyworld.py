@@ -15,6 +15,8 @@ from diffusion_oft.toyworld import judge, world
 from diffusion_oft.toyworld.components import RARE_TOKENS, WORDS, make_tokenizer
 from diffusion_oft.toyworld.datasets import SUBJECT_PROMPT, write_control_dataset, write_subject_dataset
 
+pytestmark = pytest.mark.slow  # the toy world
+
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 TOY_SD = ASSETS / "toy-sd"
 MAIN_JOB_STEPS, MAIN_JOB_LR = 60, 1e-3  # a shortened README main job (README, Quick start: 200 steps)

@@ -18,6 +18,8 @@ from diffusion_oft.cli import main as cli_main
 from diffusion_oft.tiny import save_tiny_sd
 from diffusion_oft.training.dreambooth import main as train_main
 
+pytestmark = pytest.mark.slow  # end to end: the training script
+
 REPO = Path(__file__).resolve().parents[1]
 RES = 16
 PROMPT = "a photo of sks disc"

@@ -21,6 +21,8 @@ from diffusion_oft.files import adapter_state_dict
 from diffusion_oft.training.args import dreambooth_parser, finalize_args
 from diffusion_oft.training.dreambooth import DreamBoothTrainer
 
+pytestmark = pytest.mark.slow  # DDP
+
 dump = Path(sys.argv[1])
 args = finalize_args(dreambooth_parser().parse_args(sys.argv[2:]), "dreambooth")
 trainer = DreamBoothTrainer(args)
