@@ -1,4 +1,4 @@
-"""diffusion-oft: orthogonal finetuning adapters (OFT, BOFT, ETHER, ETHER+) for diffusers models."""
+"""diffusion-oft: orthogonal finetuning adapters (OFT, BOFT, ETHER, ETHER+, HRA) for diffusers models."""
 
 from . import convert as convert  # registers the PEFT / kohya readers of load_adapter (files.register_reader)
 from ._version import __version__

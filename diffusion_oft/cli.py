@@ -20,7 +20,7 @@ COMMAND_MODULES = ("demo", "info", "generate", "train", "convert", "eval")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffusion-oft",
-        description="Orthogonal finetuning (OFT, BOFT, ETHER, ETHER+) adapters for diffusers models.",
+        description="Orthogonal finetuning (OFT, BOFT, ETHER, ETHER+, HRA) adapters for diffusers models.",
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")

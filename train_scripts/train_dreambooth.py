@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""DreamBooth-style subject training with an orthogonal adapter (OFT, BOFT, ETHER, ETHER+).
+"""DreamBooth-style subject training with an orthogonal adapter (OFT, BOFT, ETHER, ETHER+, HRA).
 
 Flags follow diffusers' examples/dreambooth scripts; run `python train_scripts/train_dreambooth.py --help`
 (or `diffusion-oft train dreambooth --help`).  Works under `accelerate launch` with several processes.
