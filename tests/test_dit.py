@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -173,6 +175,9 @@ def test_generate_and_convert_commands_on_builtin_dit_models(builtin_cache, tmp_
     for name, extra in (("base", []), ("adapted", ["--adapter", str(file), "--scheduler", "flow_euler"])):
         assert cli.main(["generate", "--model", model, *common, *extra, "--output_dir", str(tmp_path / name)]) == 0
     capsys.readouterr()
+    # no --guidance_scale: the pipeline's own default (Flux-dev's guidance embedding wants 3.5, not SD's 7.5)
+    settings = json.loads((tmp_path / "base" / "generation.json").read_text())
+    assert settings["guidance_scale"] == {"sd3": 7.0, "flux": 3.5}[arch]
     pngs = {n: np.asarray(Image.open(tmp_path / n / "000-seed0.png"), dtype=np.int16) for n in ("base", "adapted")}
     assert pngs["base"].shape == (32, 32, 3)
     assert np.abs(pngs["adapted"] - pngs["base"]).max() > 0  # the adapter changes the generated image

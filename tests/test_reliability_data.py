@@ -177,7 +177,7 @@ def test_unwritable_output_dir_fails_before_training(messy, tiny_model, tmp_path
     blocker = tmp_path / "a-file"
     blocker.write_text("x")  # an output dir "inside" a file: cannot be created (also as root)
     loaded = []
-    monkeypatch.setattr("diffusion_oft.training.dreambooth.load_base_model", lambda *a, **k: loaded.append(1))
+    monkeypatch.setattr("diffusion_oft.training.subject.load_base_model", lambda *a, **k: loaded.append(1))
     assert cli_main(["train", "dreambooth", *argv(tiny_model, folder, blocker / "out")]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert "--output_dir" in last and "cannot write there" in last and not loaded
@@ -194,7 +194,7 @@ def test_full_disk_fails_before_training(messy, tiny_model, tmp_path, capsys, mo
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=10 * 2**20))
     loaded = []
-    monkeypatch.setattr("diffusion_oft.training.dreambooth.load_base_model", lambda *a, **k: loaded.append(1))
+    monkeypatch.setattr("diffusion_oft.training.subject.load_base_model", lambda *a, **k: loaded.append(1))
     assert cli_main(["train", "dreambooth", *argv(tiny_model, messy[0], tmp_path / "out")]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert "only 10 MiB free" in last and "needs at least 256 MiB" in last and not loaded

@@ -49,7 +49,8 @@ def _add_adapter_args(p: argparse.ArgumentParser) -> None:
                 added.add(name)
                 g.add_argument(f"--{name}", default=None, **kwargs)
     g.add_argument("--target_modules", nargs="+", default=None,
-                   help="attention projections to adapt (default: to_q to_k to_v to_out.0)")
+                   help="attention projections to adapt (default: to_q to_k to_v to_out.0; SD3 / Flux: also "
+                        "add_q_proj add_k_proj add_v_proj to_add_out, and Flux's single blocks' to_q/k/v)")
     g.add_argument("--attention", default="all", choices=["self", "cross", "all"],
                    help="which attention modules' projections get adapters (default: all)")
     g.add_argument("--adapter_dropout", type=float, default=None,
@@ -111,7 +112,24 @@ def _add_validation_args(p: argparse.ArgumentParser) -> None:
                    help="images per validation prompt (0: none, and no samples.png at the end)")
     g.add_argument("--validation_steps", type=int, default=100, help="validate every N steps (and at the end)")
     g.add_argument("--num_inference_steps", type=int, default=25, help="denoising steps of validation images")
-    g.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance of validation")
+    g.add_argument("--guidance_scale", type=float, default=None,
+                   help="classifier-free guidance of validation (default 7.5; SD3 7.0); FLUX.1-dev: the value fed to "
+                        "its guidance embedding in training and validation (default 3.5; schnell has none)")
+
+
+def _add_dit_args(p: argparse.ArgumentParser) -> None:
+    from .flow import add_flow_matching_args
+
+    g = p.add_argument_group("SD3 / SD3.5 and FLUX.1 (flow-matching DiT models, detected from the model folder)")
+    add_flow_matching_args(g, default_scheme=None)
+    g.add_argument("--max_sequence_length", type=int, default=None,
+                   help="T5 tokens of the prompt (default: SD3 77, Flux 512, as diffusers' DreamBooth scripts)")
+    g.add_argument("--precondition_outputs", type=int, default=0, choices=[0, 1],
+                   help="1: the loss on the x estimate pred·(−σ) + x_σ against x (diffusers' SD3 option); "
+                        "0 (default): on the velocity ε − x")
+    g.add_argument("--train_feed_forward", action="store_true",
+                   help="also adapt the transformer's feed-forward: ff / ff_context MLPs, Flux's single-block "
+                        "proj_mlp and proj_out")
 
 
 def dreambooth_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -145,6 +163,7 @@ def dreambooth_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "and gives the same latents; it is skipped by itself for random crops of non-square images)")
     g.add_argument("--cache_latents", dest="cache_latents", action="store_true", default=True,
                    help="diffusers' spelling; on by default")
+    _add_dit_args(p)
     _add_adapter_args(p)
     _add_training_args(p)
     _add_validation_args(p)
@@ -239,10 +258,13 @@ def finalize_args(args, task: str = "dreambooth"):
     """Fill per-method defaults and check the inputs (ValueError with a one-line message)."""
     method_cls = get_method_class(args.method)
     defaults = method_cls.training_defaults["dreambooth" if task == "dreambooth" else "control"]
+    family = _detect_family(args) if task == "dreambooth" else None
+    if family is not None:  # DiT widths (1536, 2432, 3072): the library's structure defaults, see README
+        defaults = {k: v for k, v in defaults.items() if k != "num_blocks"}
     env_rank = int(os.environ.get("LOCAL_RANK", -1))
     if env_rank != -1:
         args.local_rank = env_rank
-    if args.block_size is None and args.num_blocks is None:
+    if args.block_size is None and args.num_blocks is None and "num_blocks" in defaults:
         args.num_blocks = defaults["num_blocks"]
     for name in exclusive_fields():  # the fields only some methods read: the method's default, or refused
         neutral = AdapterConfig.__dataclass_fields__[name].default
@@ -286,7 +308,9 @@ def finalize_args(args, task: str = "dreambooth"):
         raise ValueError(f"--snr_gamma must be > 0, got {args.snr_gamma}")
     if task == "dreambooth":
         _finalize_dreambooth(args)
+        _finalize_dit(args, family)
     else:
+        args.guidance_scale = 7.5 if args.guidance_scale is None else args.guidance_scale
         _finalize_control(args)
     return args
 
@@ -325,6 +349,53 @@ def _finalize_dreambooth(args) -> None:
     if args.judge == "toyworld" and args.resolution != 64:
         raise ValueError(f"--judge toyworld judges 64×64 images of the toy world: use --resolution 64, "
                          f"not {args.resolution}")
+
+
+def _detect_family(args):
+    """The flow-matching family of the base model (None: Stable Diffusion); sets ``args.model_family`` and
+    ``args.resolved_model_path``."""
+    from ..model_paths import resolve_model_path
+    from .families import flow_family
+
+    args.resolved_model_path = resolve_model_path(args.pretrained_model_name_or_path)
+    family = flow_family(args.resolved_model_path, getattr(args, "revision", None))
+    args.model_family = None if family is None else family.name
+    return family
+
+
+def _finalize_dit(args, family) -> None:
+    """Family defaults of the DiT flags; refuse them on Stable Diffusion and SD-only flags on DiT models."""
+    for name, default in (("weighting_scheme", "logit_normal"), ("logit_mean", 0.0), ("logit_std", 1.0),
+                          ("mode_scale", 1.29), ("max_sequence_length", None), ("precondition_outputs", 0),
+                          ("train_feed_forward", False)):
+        if not hasattr(args, name):  # namespaces built by hand
+            setattr(args, name, default)
+    if family is None:
+        args.guidance_scale = 7.5 if args.guidance_scale is None else args.guidance_scale
+        if args.train_feed_forward:
+            raise ValueError("--train_feed_forward is for SD3 / Flux transformers; for a UNet list the layers in "
+                             "--target_modules (e.g. to_q to_k to_v to_out.0 ff.net.0.proj ff.net.2)")
+        return
+    if args.weighting_scheme is None:
+        args.weighting_scheme = family.default_weighting_scheme
+    if args.guidance_scale is None:
+        args.guidance_scale = family.default_guidance_scale
+    if args.max_sequence_length is None:
+        args.max_sequence_length = family.default_max_sequence_length
+    _check_positive(args, "max_sequence_length")
+    what = f"{args.pretrained_model_name_or_path} is a {family.pipeline_classes[0]}"
+    if args.train_text_encoder:
+        raise ValueError(f"--train_text_encoder is not supported for SD3 / Flux ({what}): the adapter goes on "
+                         "the transformer only")
+    if args.snr_gamma is not None:
+        raise ValueError(f"--snr_gamma weights DDPM losses; {what} (flow matching): use --weighting_scheme")
+    if args.noise_offset:
+        raise ValueError(f"--noise_offset is for DDPM models; {what} (flow matching)")
+    if args.attention != "all":
+        raise ValueError(f"--attention {args.attention}: SD3 / Flux attention is joint (image + text); "
+                         "choose layers with --target_modules")
+    if args.judge is not None:
+        raise ValueError(f"--judge {args.judge} scores adapters of the toy world's SD model, not {what}")
 
 
 def _finalize_control(args) -> None:

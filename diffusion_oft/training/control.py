@@ -21,10 +21,10 @@ from ..control import (
 from ..model import add_adapter, count_adapter_parameters
 from .args import FF_TARGETS, adapter_config_from_args, control_parser, finalize_args
 from .control_data import ControlDataset, collate_control, records_from_dataset, records_from_folder
-from .dreambooth import check_fits, encode_latents, vae_dtype
 from .loop import ADAPTER_FILE, AdapterTrainer, cast_trainable_to_fp32, trainable_adapter_params
 from .loss import diffusion_loss, sample_noise, sample_timesteps, training_target
 from .models import encode_prompts_cached, load_base_model, sdxl_time_ids, to_device
+from .subject import check_fits, encode_latents, vae_dtype
 from .validation import image_grid
 
 CONTROLNET_EXTRAS_FILE = "controlnet_extras.safetensors"

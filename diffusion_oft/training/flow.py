@@ -18,14 +18,16 @@ import torch
 WEIGHTING_SCHEMES = ("sigma_sqrt", "logit_normal", "mode", "cosmap", "none")
 
 
-def add_flow_matching_args(parser: argparse.ArgumentParser, default_scheme: str = "logit_normal") -> None:
+def add_flow_matching_args(parser: argparse.ArgumentParser, default_scheme: str | None = "logit_normal") -> None:
     """``--weighting_scheme``, ``--logit_mean``, ``--logit_std``, ``--mode_scale`` with diffusers' defaults
-    (its SD3 scripts default to logit_normal, its Flux scripts to none: pass ``default_scheme``)."""
+    (its SD3 scripts default to logit_normal, its Flux scripts to none: pass ``default_scheme``; None leaves
+    the choice to the caller, e.g. per model family)."""
     parser.add_argument(
         "--weighting_scheme",
         default=default_scheme,
         choices=WEIGHTING_SCHEMES,
-        help="how noise levels are sampled / losses weighted (flow-matching models: SD3, Flux)",
+        help="how noise levels are sampled / losses weighted (flow-matching models: SD3, Flux; default "
+        + (default_scheme or "SD3 logit_normal, Flux none") + ")",
     )
     parser.add_argument("--logit_mean", type=float, default=0.0, help="mean of the logit_normal scheme")
     parser.add_argument("--logit_std", type=float, default=1.0, help="standard deviation of the logit_normal scheme")
