@@ -132,6 +132,7 @@ def test_train_feed_forward_needs_a_dit(builtin_cache, data, tmp_path):
         ("builtin:tiny-flux-schnell", "ether_plus"),
     ],
 )
+@pytest.mark.slow  # end to end: DiT training
 def test_dreambooth_run_writes_an_adapter_that_changes_the_pipeline(builtin_cache, data, tmp_path, model, method):
     out = tmp_path / "run"
     lr = "1e-2" if method == "oft" else "3e-2"
@@ -157,6 +158,7 @@ def test_dreambooth_run_writes_an_adapter_that_changes_the_pipeline(builtin_cach
     assert (after - before).abs().max().item() > 1e-3
 
 
+@pytest.mark.slow  # end to end: DiT training
 def test_feed_forward_option_adds_the_mlps_and_flux_single_block_outputs(builtin_cache, data, tmp_path):
     out = tmp_path / "ff"
     train_main(args_for("builtin:tiny-flux", data, out, "--max_train_steps", "1", "--train_feed_forward",
@@ -171,6 +173,7 @@ def test_feed_forward_option_adds_the_mlps_and_flux_single_block_outputs(builtin
     assert feed_forward_targets(tiny_flux_pipeline().transformer)[-1] == "single_transformer_blocks.0.proj_out"
 
 
+@pytest.mark.slow  # interruption: resume
 @pytest.mark.parametrize("model", ["builtin:tiny-sd3", "builtin:tiny-flux"])
 def test_resume_is_bit_exact(builtin_cache, data, tmp_path, model):
     """4 steps in one go == 2 steps, stop, resume from checkpoint-2, 2 more (prior preservation on)."""
@@ -311,6 +314,7 @@ save_file(adapter_state_dict(trainer.pipe.transformer), str(dump / f"rank{rank}.
 """
 
 
+@pytest.mark.slow  # DDP
 @pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not on PATH")
 def test_flux_dev_under_two_cpu_processes_ends_with_the_same_adapter(builtin_cache, tmp_path):
     """DDP over gloo: the guidance embedding's config is read through the DDP wrapper; both ranks agree."""
