@@ -39,6 +39,7 @@ from .checkpoints import (
     save_training_state,
 )
 from .data import StreamBatchSampler, make_dataloader, mix_seed
+from .runtime import build_accelerator, make_optimizer
 from .validation import log_images, save_grid
 
 logger = logging.getLogger("diffusion_oft.training")
@@ -236,43 +237,10 @@ class AdapterTrainer:
 
     # ---- the run -----------------------------------------------------------------------------------
     def build_accelerator(self):
-        from accelerate import Accelerator
-        from accelerate.utils import ProjectConfiguration
-
-        args = self.args
-        report_to = None if args.report_to == "none" else args.report_to
-        if report_to in ("tensorboard", "all"):
-            try:
-                import tensorboard  # noqa: F401
-            except ImportError:
-                if report_to == "all":
-                    raise ValueError("--report_to all needs tensorboard: pip install tensorboard") from None
-                print("tensorboard is not installed (pip install tensorboard): logging disabled", flush=True)
-                report_to = args.report_to = "none"
-        project_config = ProjectConfiguration(
-            project_dir=str(self.output_dir), logging_dir=str(self.output_dir / args.logging_dir)
-        )
-        accelerator = Accelerator(
-            mixed_precision=args.mixed_precision, log_with=report_to, project_config=project_config
-        )
-        if args.report_to in ("wandb", "all"):
-            try:
-                import wandb  # noqa: F401
-            except ImportError:
-                raise ValueError("--report_to wandb needs wandb: pip install wandb") from None
-        return accelerator
+        return build_accelerator(self.args, self.output_dir)
 
     def make_optimizer(self, groups: list[dict]):
-        args = self.args
-        kwargs = dict(betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
-                      eps=args.adam_epsilon)
-        if args.use_8bit_adam:
-            try:
-                import bitsandbytes as bnb
-            except ImportError:
-                raise ValueError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
-            return bnb.optim.AdamW8bit(groups, **kwargs)
-        return torch.optim.AdamW(groups, **kwargs)
+        return make_optimizer(self.args, groups)
 
     def run(self) -> dict:
         from accelerate.utils import set_seed

@@ -102,8 +102,10 @@ class DreamBoothTrainer(AdapterTrainer):
         self.num_instance_images = len(instance_images)
         captioned = sum(sidecar_caption(p) is not None for p in instance_images)
         if captioned:
-            self.log(f"{captioned} of {len(instance_images)} instance images have their own caption (<name>.txt); "
-                     f"the others use --instance_prompt {args.instance_prompt!r}")
+            self.log(
+                f"{captioned} of {len(instance_images)} instance images have their own caption (<name>.txt); "
+                f"the others use --instance_prompt {args.instance_prompt!r}"
+            )
         self.num_class_images = len(class_images or [])
         self._prompt_cache: dict[str, tuple] = {}
         self.latent_cache = self.build_latent_cache()
@@ -114,12 +116,15 @@ class DreamBoothTrainer(AdapterTrainer):
         if not getattr(args, "cache_latents", True):
             return None
         if not dataset.crops_are_fixed():
-            self.log("VAE latents are encoded every step: random crops of non-square images differ at each step "
-                     "(--center_crop makes them cacheable)")
+            self.log(
+                "VAE latents are encoded every step: random crops of non-square images differ at each step "
+                "(--center_crop makes them cacheable)"
+            )
             return None
         chunk = args.train_batch_size * (2 if args.with_prior_preservation else 1)
-        cache = LatentCache(self.vae, dataset.pixels_of, args.resolution,
-                            "center" if args.center_crop else "square", chunk_size=chunk)
+        cache = LatentCache(
+            self.vae, dataset.pixels_of, args.resolution, "center" if args.center_crop else "square", chunk_size=chunk
+        )
         cache.build(dataset.all_images())
         dataset.skip_pixels = True  # the steps read the cache, not the image files
         return cache
@@ -148,8 +153,12 @@ class DreamBoothTrainer(AdapterTrainer):
                         for i in range(n)
                     ]
                     images = pipe(
-                        [args.class_prompt] * n, num_inference_steps=args.class_inference_steps, generator=gens,
-                        height=args.resolution, width=args.resolution, **self.pipeline_kwargs(),
+                        [args.class_prompt] * n,
+                        num_inference_steps=args.class_inference_steps,
+                        generator=gens,
+                        height=args.resolution,
+                        width=args.resolution,
+                        **self.pipeline_kwargs(),
                     ).images
                     for i, image in enumerate(images):
                         digest = hashlib.sha1(image.tobytes()).hexdigest()[:12]
@@ -242,8 +251,13 @@ class DreamBoothTrainer(AdapterTrainer):
         pred = self.train_unet(noisy, timesteps, embeds.to(dtype), **kwargs).sample
         target = training_target(base.noise_scheduler, latents, noise, timesteps)
         return diffusion_loss(
-            pred, target, timesteps, base.noise_scheduler, args.snr_gamma,
-            num_instance=n_inst if args.with_prior_preservation else None, prior_loss_weight=args.prior_loss_weight,
+            pred,
+            target,
+            timesteps,
+            base.noise_scheduler,
+            args.snr_gamma,
+            num_instance=n_inst if args.with_prior_preservation else None,
+            prior_loss_weight=args.prior_loss_weight,
         )
 
     # ---- validation, outputs -----------------------------------------------------------------------
@@ -258,9 +272,14 @@ class DreamBoothTrainer(AdapterTrainer):
         rows, images = [], []
         for prompt in self.validation_prompts():
             row = pipe(
-                prompt, num_images_per_prompt=args.num_validation_images, num_inference_steps=args.num_inference_steps,
-                guidance_scale=args.guidance_scale, height=args.resolution, width=args.resolution,
-                generator=torch.Generator().manual_seed(args.seed), **self.pipeline_kwargs(),
+                prompt,
+                num_images_per_prompt=args.num_validation_images,
+                num_inference_steps=args.num_inference_steps,
+                guidance_scale=args.guidance_scale,
+                height=args.resolution,
+                width=args.resolution,
+                generator=torch.Generator().manual_seed(args.seed),
+                **self.pipeline_kwargs(),
             ).images
             rows.append(row)
             images.extend(row)
@@ -280,8 +299,9 @@ class DreamBoothTrainer(AdapterTrainer):
 
     def training_summary(self) -> dict:
         summary = super().training_summary()
-        summary.update(instance_prompt=self.args.instance_prompt,
-                       with_prior_preservation=bool(self.args.with_prior_preservation))
+        summary.update(
+            instance_prompt=self.args.instance_prompt, with_prior_preservation=bool(self.args.with_prior_preservation)
+        )
         return summary
 
     def write_model_card(self) -> None:
@@ -289,20 +309,30 @@ class DreamBoothTrainer(AdapterTrainer):
         comps = self.adapted_components()
         params = {name: count_adapter_parameters(m, args.adapter_name) for name, m in comps.items()}
         article = "An" if args.method[0] in "aeiou" else "A"
-        summary = (f"{article} {args.method.upper()} adapter for `{args.pretrained_model_name_or_path}` that binds a "
-                   f"subject to the prompt `{args.instance_prompt}` (DreamBooth-style).")
+        summary = (
+            f"{article} {args.method.upper()} adapter for `{args.pretrained_model_name_or_path}` that binds a "
+            f"subject to the prompt `{args.instance_prompt}` (DreamBooth-style)."
+        )
         rows = [
             ("base model", f"`{args.pretrained_model_name_or_path}`"),
             ("method", args.method),
             ("trainable parameters", ", ".join(f"{k} {v:,}" for k, v in params.items())),
-            ("steps", f"{self.global_step} (batch {args.train_batch_size}, accumulation "
-                      f"{args.gradient_accumulation_steps}, {self.accelerator.num_processes} process(es))"),
+            (
+                "steps",
+                f"{self.global_step} (batch {args.train_batch_size}, accumulation "
+                f"{args.gradient_accumulation_steps}, {self.accelerator.num_processes} process(es))",
+            ),
             ("learning rate", f"{args.learning_rate:g} ({args.lr_scheduler})"),
             ("resolution", str(args.resolution)),
             ("instance prompt", f"`{args.instance_prompt}` ({self.num_instance_images} images)"),
-            ("prior preservation", f"`{args.class_prompt or 'captioned'}`, {self.num_class_images} class images, "
-                                   f"weight "
-                                   f"{args.prior_loss_weight:g}" if args.with_prior_preservation else "no"),
+            (
+                "prior preservation",
+                f"`{args.class_prompt or 'captioned'}`, {self.num_class_images} class images, "
+                f"weight "
+                f"{args.prior_loss_weight:g}"
+                if args.with_prior_preservation
+                else "no",
+            ),
             ("text encoder adapter", "yes" if args.train_text_encoder else "no"),
         ]
         pipe_cls = self.pipeline_class_name()
@@ -319,11 +349,16 @@ image = pipe("{args.instance_prompt}").images[0]
 
         configs = {name: m.ortho_adapter_configs[args.adapter_name].to_dict() for name, m in comps.items()}
         path = write_model_card(
-            self.output_dir, args.pretrained_model_name_or_path, f"DreamBooth {args.method.upper()} adapter",
-            summary, rows, configs, "samples.png" if "samples" in self.outputs else None,
-            self.validation_prompts()[0], usage,
-            tags=["text-to-image", "diffusion-oft", args.method, "dreambooth"]
-            + self.model_tags(),
+            self.output_dir,
+            args.pretrained_model_name_or_path,
+            f"DreamBooth {args.method.upper()} adapter",
+            summary,
+            rows,
+            configs,
+            "samples.png" if "samples" in self.outputs else None,
+            self.validation_prompts()[0],
+            usage,
+            tags=["text-to-image", "diffusion-oft", args.method, "dreambooth"] + self.model_tags(),
             instance_prompt=args.instance_prompt,
         )
         self.outputs["model_card"] = str(path)
