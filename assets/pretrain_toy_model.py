@@ -4,6 +4,7 @@ on 2 CPU cores).
     python assets/pretrain_toy_model.py                # both stages; writes assets/toy-sd/ (seed 0)
     python assets/pretrain_toy_model.py --output_dir /tmp/toy-sd --seed 1
     python assets/pretrain_toy_model.py --output_dir DIR --stage2_only   # stage 2 on a stage-1 folder
+    python assets/pretrain_toy_model.py --output_dir DIR --decoder_only --threads 1   # stage 3: VAE decoder only
 
 The logic lives in diffusion_oft/toyworld/pretrain.py.
 """

@@ -1,13 +1,21 @@
-"""Quality benchmark in the toy world: every method (and PEFT LoRA) at the same step budget, each at
-three learning rates spanning 10×, on the subject (DreamBooth) task and the control task.
+"""Quality benchmark in the toy world.
 
-    python benchmarks/quality.py            # full: 5 adapters × 3 LRs × 2 tasks (control: 600 steps each)
-    python benchmarks/quality.py --quick    # middle LR only, fewer steps (~5 min)
+Subject (DreamBooth) task: every method (and PEFT LoRA, and full UNet finetuning) at the same step budget,
+each at three learning rates spanning 10x, over several training seeds, with 95 % intervals.  Control task:
+the references at one budget and rate (OFT, BOFT, PEFT LoRA with the condition encoder, OFT with the other
+encoder design, a full ControlNet, ``--control_mode controlnet``, the base model, the ceiling).
 
-Prints a table (trainable params, subject fidelity, prompt fidelity, prior preservation, control
-fidelity, wall time; the base model first) and writes benchmarks/results/quality.md, quality.json
-and a sample grid PNG per method (rows: each LR's subject images, then its in-world images, then
-its control outputs).  Scores are the toy-world judge's (diffusion_oft/toyworld/judge.py).
+    python benchmarks/quality.py                    # both tasks
+    python benchmarks/quality.py --tasks subject    # full subject mode: 6 rows x 3 LRs x 3 training seeds
+    python benchmarks/quality.py --tasks control    # the control references only
+    python benchmarks/quality.py --quick            # middle LR, 1 training seed, 2 evaluation seeds
+
+Subject: each run is judged on 6 subject prompts and 12 in-world prompts per evaluation seed.  A row's
+figure is the mean over its training seeds' images; its interval is a two-level bootstrap (training seeds,
+then images within each), and the claims below the table are bootstrapped differences.  Writes
+benchmarks/results/quality.md, quality.json and a sample grid PNG per method.  Control: writes
+quality_control.md / .json and a grid per reference (condition | output | output's edges).  Scores are
+the toy-world judge's (diffusion_oft/toyworld/judge.py).
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,13 +43,16 @@ def adapter_specs(names: list[str]):
         "ether": AdapterSpec("ETHER n=4", AdapterConfig(method="ether", num_blocks=4)),
         "ether_plus": AdapterSpec("ETHER+ n=4", AdapterConfig(method="ether_plus", num_blocks=4)),
         "lora": AdapterSpec("LoRA r=4 (PEFT)", lora_rank=4),
+        "full": AdapterSpec("full UNet finetuning", full=True),
     }
     return [(n, specs[n]) for n in names]
 
 
 # Middle learning rate per adapter (the grid is ×0.3, ×1, ×3 of it): the papers' SD 1.5 DreamBooth rates
 # scaled alike for the 150-step budget (OFT 6e-5, ETHER 6e-3 → ×~20 / ×0.5); LoRA at OFT's.
-BASE_LR = {"oft": 1e-3, "boft": 1e-3, "ether": 3e-3, "ether_plus": 1e-3, "lora": 1e-3}
+BASE_LR = {"oft": 1e-3, "boft": 1e-3, "ether": 3e-3, "ether_plus": 1e-3, "lora": 1e-3, "full": 1e-4}
+ORTHOGONAL = ("oft", "boft", "ether", "ether_plus")
+BOOTSTRAP = 2000
 LR_FACTORS = (0.3, 1.0, 3.0)
 
 
@@ -69,72 +81,294 @@ def control_data(pipe):
     return latents, text, conds
 
 
-def run_subject(model, spec, lr, steps, seed):
+def run_subject(model, spec, lr, steps, seed, eval_seeds):
     from diffusion_oft.toyworld.evaluate import evaluate_subject
     from diffusion_oft.toyworld.finetune import load_toy_pipeline, train
 
     pipe = load_toy_pipeline(model)
     latents, text = subject_data(pipe)
     info = train(pipe, spec, latents, text, steps=steps, lr=lr, seed=seed)
-    result = evaluate_subject(pipe)
+    result = evaluate_subject(pipe, seeds=eval_seeds)
     return info, result
 
 
-def run_control(model, spec, lr, steps, seed):
-    from diffusion_oft.control import condition_encoder_for
-    from diffusion_oft.toyworld.evaluate import evaluate_control_task
-    from diffusion_oft.toyworld.finetune import load_toy_pipeline, train
+def per_image(result: dict, n_seeds: int) -> dict[str, list[float]]:
+    """Per-image values of one judged run: subject score, asked background right, in-world right."""
+    from diffusion_oft.toyworld import world
+    from diffusion_oft.toyworld.evaluate import SUBJECT_BACKGROUNDS
+    from diffusion_oft.toyworld.judge import read_image, subject_score
+
+    subject, background, prior = [], [], []
+    for row in result["rows"][:n_seeds]:
+        for image, wanted in zip(row, SUBJECT_BACKGROUNDS, strict=True):
+            r = read_image(image)
+            subject.append(subject_score(r))
+            background.append(float(r.background == wanted))
+    for row in result["rows"][n_seeds:]:
+        for image, (shape, colour, _) in zip(row, world.in_world_prompts(), strict=True):
+            r = read_image(image)
+            prior.append(float(r.shape == shape and r.colour == colour))
+    return {"subject_fidelity": subject, "prompt_fidelity": background, "prior_preservation": prior}
+
+
+def bootstrap_means(groups: list[list[float]], rng) -> np.ndarray:
+    """BOOTSTRAP resampled means of nested data: training seeds drawn with replacement, then images
+    within each drawn seed."""
+    arrays = [np.asarray(g, dtype=float) for g in groups]
+    out = np.empty(BOOTSTRAP)
+    for i in range(BOOTSTRAP):
+        picks = rng.integers(0, len(arrays), len(arrays)) if len(arrays) > 1 else [0]
+        out[i] = np.mean([arrays[j][rng.integers(0, len(arrays[j]), len(arrays[j]))].mean() for j in picks])
+    return out
+
+
+def interval(groups: list[list[float]], seed: int = 0) -> tuple[float, float, float]:
+    """(mean, 2.5 %, 97.5 %) of a row's figure over its training seeds' images."""
+    draws = bootstrap_means(groups, np.random.default_rng(seed))
+    return float(np.mean([np.mean(g) for g in groups])), float(np.quantile(draws, 0.025)), float(
+        np.quantile(draws, 0.975))
+
+
+def difference(a: list[list[float]], b: list[list[float]], seed: int = 0) -> tuple[float, float, float]:
+    """(mean a − mean b, 95 % interval) of two independent rows."""
+    rng = np.random.default_rng(seed)
+    draws = bootstrap_means(a, rng) - bootstrap_means(b, rng)
+    d = float(np.mean([np.mean(g) for g in a]) - np.mean([np.mean(g) for g in b]))
+    return d, float(np.quantile(draws, 0.025)), float(np.quantile(draws, 0.975))
+
+
+CONTROL_LR = 1e-3  # every trained control part (adapter, encoder, ControlNet) at this rate
+CONTROL_BATCH = 8
+
+
+def control_references(encoder_design: str):
+    """The control task's rows: (key, label, kind, spec, design); kind "encoder" = our default setup
+    (adapter on the UNet + condition encoder), "controlnet" = adapter on a ControlNet copy
+    (``--control_mode controlnet``), "full_controlnet" = every ControlNet parameter trained."""
+    specs = dict(adapter_specs(["oft", "boft", "lora"]))
+    other = "hint" if encoder_design == "slim" else "slim"
+    return [
+        ("full_controlnet", "full ControlNet (ControlNetModel.from_unet, all trained)", "full_controlnet", None, None),
+        ("oft", f"OFT b=32 + {encoder_design} encoder", "encoder", specs["oft"], encoder_design),
+        ("boft", f"BOFT b=8 m=2 + {encoder_design} encoder", "encoder", specs["boft"], encoder_design),
+        ("lora", f"LoRA r=4 (PEFT) + {encoder_design} encoder", "encoder", specs["lora"], encoder_design),
+        ("controlnet_mode", "--control_mode controlnet (OFT b=32 on the copy + hint/zero convs)", "controlnet",
+         specs["oft"], None),
+        (f"oft_{other}", f"OFT b=32 + {other} encoder", "encoder", specs["oft"], other),    ]
+
+
+def run_control(model, key, kind, spec, design, steps, seed, runs_dir: Path | None = None, evaluate_only=False,
+                evaluate=True):
+    """Train one control reference on assets/control (cached latents) and judge it on the held-out and
+    hand-drawn outlines at control scales 0, 0.5, 1 (the ceiling is computed once, by the caller).
+    With ``runs_dir`` the trained tensors are kept in ``runs_dir/<key>.pt``; ``evaluate_only`` judges
+    those instead of training (so a run can be judged again, e.g. through another decoder)."""
+    from diffusion_oft.control import condition_encoder_for, default_channels
+    from diffusion_oft.toyworld.evaluate import CONTROL_SCALES, evaluate_control_task
+    from diffusion_oft.toyworld.finetune import ControlNetPipe, load_toy_pipeline, train
 
     pipe = load_toy_pipeline(model, control=True)
     latents, text, conds = control_data(pipe)
     torch.manual_seed(seed)
-    encoder = condition_encoder_for(pipe.unet, pipe.vae_scale_factor)
-    info = train(pipe, spec, latents, text, steps=steps, lr=lr, seed=seed, conditions=conds, encoder=encoder,
-                 batch_size=8)
-    return info, evaluate_control_task(pipe)
+    common = dict(steps=steps, lr=CONTROL_LR, encoder_lr=CONTROL_LR, seed=seed, conditions=conds,
+                  batch_size=CONTROL_BATCH)
+    encoder = controlnet = None
+    if kind == "encoder":
+        encoder = condition_encoder_for(pipe.unet, pipe.vae_scale_factor, design=design)
+        trained, judged = pipe.unet, pipe
+    else:
+        from diffusers import ControlNetModel
+
+        controlnet = ControlNetModel.from_unet(
+            pipe.unet, conditioning_embedding_out_channels=default_channels(pipe.vae_scale_factor))
+        trained, judged = controlnet, ControlNetPipe(pipe, controlnet)
+    saved = runs_dir / f"{key}.pt" if runs_dir is not None else None
+    if evaluate_only:
+        if saved is None or not saved.is_file():
+            raise SystemExit(f"--control_evaluate_only: no trained run {saved}; train it first with --control_runs_dir")
+        state = torch.load(saved, weights_only=False)
+        if spec is not None:
+            spec.attach(trained)
+        missing, unexpected = trained.load_state_dict(state["trained"], strict=False)
+        if unexpected or (kind == "full_controlnet" and missing):
+            raise SystemExit(f"{saved.name}: tensors do not fit ({unexpected[:2]} {missing[:2]})")
+        trained.eval()
+        if encoder is not None:
+            encoder.load_state_dict(state["encoder"])
+            pipe.set_condition_encoder(encoder)
+        info = state["info"]
+    else:
+        info = train(pipe, spec, latents, text, encoder=encoder, controlnet=controlnet, **common)
+        if saved is not None:
+            runs_dir.mkdir(parents=True, exist_ok=True)
+            torch.save({"info": info, "encoder": encoder.state_dict() if encoder is not None else None,
+                        "trained": {n: p.detach().clone() for n, p in trained.named_parameters() if p.requires_grad}},
+                       saved)
+    if not evaluate:
+        return info, None
+    return info, evaluate_control_task(judged, scales=CONTROL_SCALES, ceiling=False)
+
+
+def control_task(args, out: Path) -> None:
+    """The control reference table (benchmarks/README.md, "Control that steers")."""
+    from diffusion_oft.toyworld.evaluate import CONTROL_SCALES, control_ceiling, control_eval_examples
+    from diffusion_oft.toyworld.finetune import load_toy_pipeline
+    from diffusion_oft.toyworld.pretrain import image_grid
+
+    start = time.time()
+    pipe = load_toy_pipeline(args.model, control=True)
+    ceiling = None if args.control_train_only else control_ceiling(pipe.vae, control_eval_examples())
+    del pipe
+    rows, base = [], None
+    for key, label, kind, spec, design in control_references(args.control_encoder):
+        if args.control_only and key not in args.control_only:
+            continue
+        runs = Path(args.control_runs_dir) if args.control_runs_dir else None
+        info, result = run_control(args.model, key, kind, spec, design, args.control_steps, args.seed, runs,
+                                   args.control_evaluate_only, evaluate=not args.control_train_only)
+        if result is None:
+            print(f"{key}: trained in {info['seconds']:.0f} s, kept in {runs}", flush=True)
+            continue
+        res = result["results"]
+        # control scale 0 of a ControlNet row is the base model (the UNet is untouched); of an encoder
+        # row it is the UNet with its adapter and the control off
+        if base is None and kind != "encoder":
+            base = {"key": "base", "method": "base model (control off)", "params": 0, "adapter_params": 0,
+                    "seconds": 0.0, "held_out": res["held_out@0"], "hand_drawn": res["hand_drawn@0"]}
+            rows.append(base)
+        row = {"key": key, "method": label, "params": info["params"], "adapter_params": info["adapter_params"],
+               "seconds": info["seconds"], "loss": (info["first_loss"], info["last_loss"]),
+               **{f"{s}@{c:g}": res[f"{s}@{c:g}"] for s in ("held_out", "hand_drawn") for c in CONTROL_SCALES},
+               "held_out": res["held_out@1"], "hand_drawn": res["hand_drawn@1"]}
+        rows.append(row)
+        print(format_control_row(row, ceiling), flush=True)
+        (out / "quality_control_partial.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
+        image_grid([im for r in result["rows"][:12] for im in r], columns=6).save(out / f"quality_control_{key}.png")
+    if args.control_train_only:
+        return
+    rows.append({"key": "ceiling", "method": "ceiling (VAE reconstructions)", "held_out": ceiling})
+    elapsed = time.time() - start
+    header = (f"Toy-world control references: {args.control_steps} steps of batch {CONTROL_BATCH} on the 120 triples "
+              f"of assets/control (latents cached), lr {CONTROL_LR:g} for every trained part, cubic timesteps + "
+              f"v-space loss; judged on 12 held-out + 12 hand-drawn outlines (20 DPM-Solver steps, guidance 4). "
+              f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s), torch "
+              f"{torch.__version__}; total {elapsed / 60:.1f} min.")
+    table = format_control_table(rows, ceiling)
+    print("\n" + header + "\n\n" + table)
+    (out / "quality_control.md").write_text(header + "\n\n" + table + "\n", encoding="utf-8")
+    (out / "quality_control.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
+    (out / "quality_control_partial.json").unlink(missing_ok=True)
+
+
+def merge_control_tables(dirs: list[str], out: Path, encoder_design: str) -> None:
+    """One control table from several runs' quality_control.json (references judged in separate
+    processes, e.g. in parallel): base model and ceiling from the first, references in table order."""
+    order = [key for key, *_ in control_references(encoder_design)]
+    runs = [json.loads((Path(d) / "quality_control.json").read_text(encoding="utf-8")) for d in dirs]
+    by_key = {r["key"]: r for rows in reversed(runs) for r in rows}  # the first dir wins
+    rows = [by_key["base"]] + [by_key[k] for k in order if k in by_key] + [by_key["ceiling"]]
+    ceiling = by_key["ceiling"]["held_out"]
+    headers = [(Path(d) / "quality_control.md").read_text(encoding="utf-8").split("\n\n")[0] for d in dirs]
+    header = "Merged from separate runs:\n\n" + "\n\n".join(f"- {h}" for h in headers)
+    table = format_control_table(rows, ceiling)
+    print(header + "\n\n" + table)
+    (out / "quality_control.md").write_text(header + "\n\n" + table + "\n", encoding="utf-8")
+    (out / "quality_control.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
+
+
+CONTROL_HEAD = ("| model | trainable params (adapter) | % of full ControlNet | held-out followed | box IoU | edge F1 | "
+                "F1 at scale 0 / 0.5 | F1 / full ControlNet's | gap closed | colour kept | hand-drawn followed | "
+                "hand-drawn F1 | train s |")
+FULL_CONTROLNET = "full_controlnet"  # the row the others are compared with
+
+
+def format_control_row(row: dict, ceiling: dict, full: dict | None = None, base_f1: float | None = None) -> str:
+    """One row; "gap closed" is against the base model's F1 (``base_f1``; else the row's own scale 0,
+    which for adapters on the UNet is the adapter with the control off, not the base model)."""
+    h = row["held_out"]
+    if "params" not in row:  # the ceiling
+        return (f"| {row['method']} | – | – | {round(h['followed'] * h['n'])}/{h['n']} | {h['box_iou']:.3f} | "
+                f"{h['edge_f1']:.3f} | – | – | 100 % | {h['colour_kept']:.2f} | – | – | – |")
+    base_f1 = row.get("held_out@0", h)["edge_f1"] if base_f1 is None else base_f1
+    gap = (h["edge_f1"] - base_f1) / max(ceiling["edge_f1"] - base_f1, 1e-9)
+    share = f"{100 * row['params'] / full['params']:.1f} %" if full else "–"
+    ratio = f"{h['edge_f1'] / full['held_out']['edge_f1']:.2f}×" if full else "–"
+    scales = (f"{row['held_out@0']['edge_f1']:.3f} / {row['held_out@0.5']['edge_f1']:.3f}" if "held_out@0.5" in row
+              else "–")
+    hd = row["hand_drawn"]
+    return (f"| {row['method']} | {row['params']:,} ({row['adapter_params']:,}) | {share} | "
+            f"{round(h['followed'] * h['n'])}/{h['n']} | {h['box_iou']:.3f} | {h['edge_f1']:.3f} | {scales} | "
+            f"{ratio} | {100 * gap:.0f} % | {h['colour_kept']:.2f} | {round(hd['followed'] * hd['n'])}/{hd['n']} | "
+            f"{hd['edge_f1']:.3f} | {row['seconds']:.0f} |")
+
+
+def format_control_table(rows: list[dict], ceiling: dict) -> str:
+    full = next((r for r in rows if r.get("key") == FULL_CONTROLNET), None)
+    base_f1 = next((r["held_out"]["edge_f1"] for r in rows if r.get("key") == "base"), None)
+    return "\n".join([CONTROL_HEAD, "| " + " | ".join(["---"] * 13) + " |"]
+                     + [format_control_row(r, ceiling, full, base_f1) for r in rows])
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=str(ROOT / "assets" / "toy-sd"))
-    p.add_argument("--methods", nargs="+", default=["oft", "boft", "ether", "ether_plus", "lora"])
+    p.add_argument("--methods", nargs="+", default=["oft", "boft", "ether", "ether_plus", "lora", "full"])
     p.add_argument("--tasks", nargs="+", default=["subject", "control"], choices=["subject", "control"])
     p.add_argument("--subject_steps", type=int, default=150)
     p.add_argument("--control_steps", type=int, default=600,
                    help="control task budget (the multiscale encoder, cubic timesteps, v-space loss; at 150 steps "
                    "nothing is followed yet)")
-    p.add_argument("--quick", action="store_true", help="middle LR only, half the steps")
+    p.add_argument("--control_encoder", default="slim", choices=["slim", "hint"],
+                   help="encoder design of the OFT/BOFT/LoRA rows (OFT also runs with the other one)")
+    p.add_argument("--control_only", nargs="+", default=None,
+                   help="run only these control references (keys: oft boft lora oft_hint|oft_slim "
+                   "full_controlnet controlnet_mode)")
+    p.add_argument("--control_runs_dir", default=None,
+                   help="keep each trained control reference here (<key>.pt) ...")
+    p.add_argument("--control_evaluate_only", action="store_true",
+                   help="... and judge the kept runs instead of training (train s: of the kept run)")
+    p.add_argument("--control_train_only", action="store_true",
+                   help="train and keep the control references (needs --control_runs_dir), judge them later")
+    p.add_argument("--control_merge", nargs="+", default=None, metavar="DIR",
+                   help="only merge the control tables of these output dirs into --output_dir")
+    p.add_argument("--train_seeds", type=int, default=None, help="training seeds per row (full 3, quick 1)")
+    p.add_argument("--eval_seeds", type=int, default=None,
+                   help="evaluation seeds per run, each 6 subject + 12 in-world images (full 6, quick 2)")
+    p.add_argument("--lr_factors", type=float, nargs="+", default=None, help="default 0.3 1 3 (quick: 1)")
+    p.add_argument("--quick", action="store_true", help="middle LR, 1 training seed, 2 evaluation seeds")
     p.add_argument("--output_dir", default=str(ROOT / "benchmarks" / "results"))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--name", default=None, help="output file stem (default quality / quality_quick)")
+    p.add_argument("--seed", type=int, default=0, help="first training seed")
+    p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.quick:
-        args.subject_steps //= 2
-        args.control_steps //= 2
-    factors = (1.0,) if args.quick else LR_FACTORS
+    train_seeds = [args.seed + i for i in range(args.train_seeds or (1 if args.quick else 3))]
+    eval_seeds = tuple(range(args.eval_seeds or (2 if args.quick else 6)))
+    factors = tuple(args.lr_factors or ((1.0,) if args.quick else LR_FACTORS))
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    from diffusion_oft.toyworld.evaluate import evaluate_control_task, evaluate_subject
+    from diffusion_oft.toyworld.evaluate import evaluate_subject
     from diffusion_oft.toyworld.finetune import load_toy_pipeline
     from diffusion_oft.toyworld.pretrain import image_grid
 
-    rows, grids = [], {}
-    start = time.time()
-    base_row = {"method": "base model", "lr": None, "params": 0, "seconds": 0.0}
-    pipe = load_toy_pipeline(args.model, control=True)
-    if "subject" in args.tasks:
-        base_subject = evaluate_subject(pipe)
-        base_row.update(base_subject["scores"])
-        grids["base"] = [base_subject["rows"][0], base_subject["rows"][len(base_subject["rows"]) // 2]]
+    if args.control_merge:
+        merge_control_tables(args.control_merge, out, args.control_encoder)
+        return 0
+    if args.control_train_only and not args.control_runs_dir:
+        p.error("--control_train_only needs --control_runs_dir")
     if "control" in args.tasks:
-        from diffusion_oft.control import condition_encoder_for
-
-        # a fresh encoder's last conv is zero: the base model ignores the conditions
-        pipe.set_condition_encoder(condition_encoder_for(pipe.unet, pipe.vae_scale_factor))
-        base_control = evaluate_control_task(pipe)
-        base_row.update({k: v for k, v in base_control.items() if k != "rows"})
+        control_task(args, out)
+    if "subject" not in args.tasks:
+        return 0
+    rows, grids, samples = [], {}, {}
+    start = time.time()
+    base_row = {"method": "base model", "key": "base", "lr": None, "params": 0, "seconds": 0.0}
+    pipe = load_toy_pipeline(args.model)
+    base_subject = evaluate_subject(pipe, seeds=eval_seeds)
+    samples["base"] = [per_image(base_subject, len(eval_seeds))]
+    base_row.update(summarise(samples["base"]))
+    grids["base"] = [base_subject["rows"][0], base_subject["rows"][len(eval_seeds)]]
     rows.append(base_row)
     print(format_row(base_row), flush=True)
     del pipe
@@ -143,19 +377,17 @@ def main(argv=None) -> int:
         grid_rows = []
         for factor in factors:
             lr = BASE_LR[key] * factor
-            row = {"method": spec.name, "key": key, "lr": lr, "seconds": 0.0}
-            if "subject" in args.tasks:
-                info, result = run_subject(args.model, spec, lr, args.subject_steps, args.seed)
-                row.update(result["scores"], params=info["params"], seconds=row["seconds"] + info["seconds"],
-                           subject_loss=(info["first_loss"], info["last_loss"]))
-                grid_rows += [result["rows"][0], result["rows"][len(result["rows"]) // 2]]
-            if "control" in args.tasks:
-                info, result = run_control(args.model, spec, lr, args.control_steps, args.seed)
-                row.update({k: v for k, v in result.items() if k != "rows"}, control_params=info["params"],
-                           seconds=row["seconds"] + info["seconds"], control_loss=(info["first_loss"],
-                                                                                     info["last_loss"]))
-                row.setdefault("params", info["params"])
-                grid_rows.append([r[1] for r in result["rows"]][:6] + [r[0] for r in result["rows"]][:6])
+            row = {"method": spec.name, "key": key, "lr": lr, "seconds": 0.0, "train_seeds": train_seeds}
+            runs = []
+            for seed in train_seeds:
+                info, result = run_subject(args.model, spec, lr, args.subject_steps, seed, eval_seeds)
+                runs.append(per_image(result, len(eval_seeds)))
+                row.update(params=info["params"], seconds=row["seconds"] + info["seconds"])
+                row.setdefault("subject_loss", []).append((info["first_loss"], info["last_loss"]))
+                if seed == train_seeds[0]:
+                    grid_rows += [result["rows"][0], result["rows"][len(eval_seeds)]]
+            samples[f"{key}@{lr:.0e}"] = runs
+            row.update(summarise(runs))
             rows.append(row)
             print(format_row(row), flush=True)
             # partial results survive an interrupted run
@@ -167,30 +399,91 @@ def main(argv=None) -> int:
         image_grid([im for r in grid_rows for im in r], columns=max(len(r) for r in grid_rows)).save(
             out / f"quality_{key}.png")
     table = format_table(rows)
-    header = (f"Toy-world quality benchmark ({'quick' if args.quick else 'full'}): subject task "
-              f"{args.subject_steps} steps batch 4 on assets/subject, control task {args.control_steps} steps batch 8 "
-              f"on assets/control; judged on 12 subject + 24 in-world prompts (20 DPM-Solver steps, guidance 4) and "
-              f"12 held-out conditions.  {platform.processor() or platform.machine()}, "
+    claims = format_claims(rows, samples) if "subject" in args.tasks else ""
+    full = (len(train_seeds), len(eval_seeds), factors) == (3, 6, LR_FACTORS)
+    mode = "quick" if args.quick else ("full" if full else "reduced")
+    header = (f"Toy-world quality benchmark ({mode}): subject task {args.subject_steps} steps batch 4 on "
+              f"assets/subject, {len(train_seeds)} training seed(s) per row, each judged on "
+              f"{6 * len(eval_seeds)} subject + {12 * len(eval_seeds)} in-world images ({len(eval_seeds)} "
+              f"evaluation seeds, 20 DPM-Solver steps, guidance 4); [95 % interval: two-level bootstrap over "
+              f"training seeds and images].  {platform.processor() or platform.machine()}, "
               f"{torch.get_num_threads()} threads, torch {torch.__version__}; total {elapsed / 60:.1f} min.")
-    print("\n" + header + "\n\n" + table)
-    name = "quality_quick" if args.quick else "quality"
-    (out / f"{name}.md").write_text(header + "\n\n" + table + "\n", encoding="utf-8")
-    (out / f"{name}.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
+    print("\n" + header + "\n\n" + table + "\n\n" + claims)
+    name = args.name or ("quality_quick" if args.quick else "quality")
+    (out / f"{name}.md").write_text(header + "\n\n" + table + "\n\n" + claims + "\n", encoding="utf-8")
+    (out / f"{name}.json").write_text(json.dumps({"rows": rows, "samples": samples}, indent=1), encoding="utf-8")
     (out / "quality_partial.json").unlink(missing_ok=True)
     return 0
 
 
-COLUMNS = [("params", "trainable params", "{:,}"), ("subject_fidelity", "subject fidelity", "{:.3f}"),
-           ("prompt_fidelity", "prompt fidelity", "{:.3f}"), ("prior_preservation", "prior preservation", "{:.3f}"),
-           ("control_f1", "control F1", "{:.3f}"), ("control_followed", "control followed", "{:.2f}"),
-           ("control_in_world", "control shape+colour", "{:.3f}"),
+INTERVAL_KEYS = ("subject_fidelity", "prompt_fidelity", "prior_preservation")
+
+
+def summarise(runs: list[dict[str, list[float]]]) -> dict:
+    """A row's mean and 95 % interval of each judged figure over its runs' images."""
+    out = {}
+    for k in INTERVAL_KEYS:
+        mean, lo, hi = interval([r[k] for r in runs])
+        out[k], out[k + "_ci"] = mean, (lo, hi)
+    return out
+
+
+def format_claims(rows: list[dict], samples: dict) -> str:
+    """The papers' claims as bootstrapped differences (95 % intervals)."""
+    best = {}  # per method, its row of highest subject fidelity
+    for r in rows:
+        if r.get("lr") is None:
+            continue
+        if r["key"] not in best or r["subject_fidelity"] > best[r["key"]]["subject_fidelity"]:
+            best[r["key"]] = r
+    lines = []
+
+    def runs(r, k):
+        return [s[k] for s in samples[f"{r['key']}@{r['lr']:.0e}"]]
+
+    if "ether_plus" in best and "lora" in best:
+        e, lo = best["ether_plus"], best["lora"]
+        d_sub = difference(runs(e, "subject_fidelity"), runs(lo, "subject_fidelity"))
+        d_pri = difference(runs(e, "prior_preservation"), runs(lo, "prior_preservation"))
+        lines.append(f"- ETHER+ ({e['params']:,} parameters, {e['params'] / lo['params']:.2f}x LoRA r=4's "
+                     f"{lo['params']:,}) "
+                     f"at its best lr {e['lr']:.0e} vs LoRA at {lo['lr']:.0e}: subject fidelity {d_sub[0]:+.3f} "
+                     f"[{d_sub[1]:+.3f}, {d_sub[2]:+.3f}], prior preservation {d_pri[0]:+.3f} "
+                     f"[{d_pri[1]:+.3f}, {d_pri[2]:+.3f}]")
+    for key in ORTHOGONAL + ("lora", "full"):
+        mine = [r for r in rows if r.get("key") == key]
+        if len(mine) < 2:
+            continue
+        hi, lo = max(mine, key=lambda r: r["subject_fidelity"]), min(mine, key=lambda r: r["subject_fidelity"])
+        d = difference(runs(hi, "subject_fidelity"), runs(lo, "subject_fidelity"))
+        lines.append(f"- {hi['method']}: subject fidelity over lr {min(r['lr'] for r in mine):.0e}-"
+                     f"{max(r['lr'] for r in mine):.0e} spans {lo['subject_fidelity']:.3f}-"
+                     f"{hi['subject_fidelity']:.3f} "
+                     f"(best - worst {d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}], {d[0] / hi['subject_fidelity']:.0%} "
+                     f"of the best)")
+    if "full" in best:
+        f = best["full"]
+        for key in ORTHOGONAL + ("lora",):
+            if key in best:
+                d = difference(runs(best[key], "subject_fidelity"), runs(f, "subject_fidelity"))
+                lines.append(f"- {best[key]['method']} (best lr) - full finetuning (best lr): subject fidelity "
+                             f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]")
+    return "\n".join(lines)
+
+
+COLUMNS = [("params", "trainable params", "{:,}"), ("subject_fidelity", "subject fidelity [95 %]", "{:.3f}"),
+           ("prompt_fidelity", "prompt fidelity [95 %]", "{:.3f}"),
+           ("prior_preservation", "prior preservation [95 %]", "{:.3f}"),
            ("seconds", "train s", "{:.0f}")]
 
 
 def format_row(row: dict) -> str:
     cells = [row["method"], "–" if row.get("lr") is None else f"{row['lr']:.0e}"]
     for key, _, fmt in COLUMNS:
-        cells.append(fmt.format(row[key]) if key in row else "–")
+        cell = fmt.format(row[key]) if key in row else "–"
+        if key + "_ci" in row:
+            cell += " [{:.3f}, {:.3f}]".format(*row[key + "_ci"])
+        cells.append(cell)
     return "| " + " | ".join(cells) + " |"
 
 

@@ -203,6 +203,54 @@ def test_encoder_round_trip_and_old_format_refused(tmp_path):
         load_condition_encoder(tmp_path / "old.safetensors")
 
 
+def test_slim_encoder_widths_round_trip_and_zero_init(tmp_path):
+    """The slim design is a config (widths, 1x1 heads, separable downsamplers), not a new format: it
+    round-trips through the file, starts as the base model, and a format-2 file from before these
+    fields existed still loads as the hint design."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from diffusion_oft.control import encoder_design_kwargs, load_condition_encoder, save_condition_encoder
+
+    unet = tiny_unet().eval()
+    slim, hint = condition_encoder_for(unet, 2, design="slim"), condition_encoder_for(unet, 2)
+    assert slim.config.block_out_channels == (8, 16) and slim.config.head_kernel_size == 1
+    assert slim.config.separable_downs and slim.downs[0][0].groups == 16  # depthwise 3x3, then 1x1
+    n_slim, n_hint = (sum(p.numel() for p in e.parameters()) for e in (slim, hint))
+    assert n_slim < n_hint / 4
+    g = torch.Generator().manual_seed(2)
+    sample, text, cond = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 5, 32, generator=g), torch.rand(
+        1, 3, 16, 16, generator=g)
+    with torch.no_grad():
+        assert torch.equal(unet(sample, 10, text).sample, ControlledUNet(unet, slim)(sample, 10, text, cond).sample)
+        for p in slim.parameters():
+            p.normal_(0, 0.1)
+        moved = ControlledUNet(unet, slim)(sample, 10, text, cond).sample
+    assert not torch.allclose(moved, unet(sample, 10, text).sample)
+    path = save_condition_encoder(slim, tmp_path / "slim.safetensors")
+    loaded, meta = load_condition_encoder(path)
+    assert meta["format_version"] == "2"
+    assert {k: loaded.config[k] for k in ("block_out_channels", "head_kernel_size", "separable_downs")} == {
+        "block_out_channels": (8, 16), "head_kernel_size": 1, "separable_downs": True}
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(slim(cond), loaded(cond), strict=True))
+    # a format-2 file written before head_kernel_size / separable_downs existed: the hint design
+    hint_path = save_condition_encoder(hint, tmp_path / "hint.safetensors")
+    with safe_open(str(hint_path), framework="pt") as f:
+        old_meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    config = json.loads(old_meta["config"])
+    del config["head_kernel_size"], config["separable_downs"]
+    save_file(tensors, str(tmp_path / "older.safetensors"), {**old_meta, "config": json.dumps(config)})
+    older, _ = load_condition_encoder(tmp_path / "older.safetensors")
+    assert older.config.head_kernel_size == 3 and not older.config.separable_downs
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(hint(cond), older(cond), strict=True))
+    with pytest.raises(ValueError, match="unknown control encoder 'wide'; choose one of hint, slim"):
+        encoder_design_kwargs("wide", 8)
+    with pytest.raises(ValueError, match="head_kernel_size must be 1 or 3"):
+        ConditionEncoder(out_channels=32, downscale_factor=2, head_kernel_size=5)
+
+
 # ---- end to end ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def control_run(tmp_path_factory):
@@ -329,6 +377,31 @@ def test_controlnet_mode(tmp_path):
     assert np.isfinite(image).all()
 
 
+@pytest.mark.slow  # end to end: control training
+def test_train_control_slim_encoder(tmp_path):
+    """--control_encoder slim trains the slim design and writes it with its widths; the pipeline loads it."""
+    from diffusion_oft.control import load_paired_encoder
+    from diffusion_oft.pipelines.stable_diffusion_control import OrthoStableDiffusionControlPipeline
+
+    model = save_tiny_sd(tmp_path / "tiny-sd")
+    data = make_control_folder(tmp_path / "data", n=2)
+    out = tmp_path / "out"
+    train_main(["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--resolution",
+                str(RES), "--control_encoder", "slim", "--block_size", "8", "--max_train_steps", "2",
+                "--learning_rate", "1e-2", "--encoder_learning_rate", "1e-2", "--report_to", "none",
+                "--output_dir", str(out)])
+    enc = load_paired_encoder(out)
+    assert enc.config.block_out_channels == (8, 16) and enc.config.separable_downs
+    assert enc.config.head_kernel_size == 1
+    assert any(p.abs().sum() > 0 for p in enc.heads.parameters())  # the zero heads moved
+    pipe = OrthoStableDiffusionControlPipeline.from_pretrained(model, control=str(out), safety_checker=None,
+                                                               requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a yellow circle", image=Image.open(data / "cond_0.png"), num_inference_steps=2, height=RES,
+                 width=RES, output_type="np").images
+    assert np.isfinite(image).all()
+
+
 def test_control_user_errors(tmp_path, capsys):
     (tmp_path / "d").mkdir()
     assert cli_main(["train", "control", "--pretrained_model_name_or_path", "x", "--train_data_dir",
@@ -387,3 +460,38 @@ def test_toyworld_control_scores():
     assert perfect["followed"] == 1.0 and perfect["colour_kept"] == 1.0 and perfect["edge_f1"] > 0.9
     shifted = [world.render(world.Scene(s.shape, s.colour, s.background, s.size // 2, 12, 12)) for _, _, s in held]
     assert _score_control(shifted, held)["box_iou"] < perfect["box_iou"]
+
+
+@pytest.mark.slow  # the toy world
+def test_toyworld_loop_trains_controlnet_references(tmp_path):
+    """The benchmark loop's ControlNet references: every parameter trained (full ControlNet) or the
+    adapter + hint encoder/zero convs (controlnet mode); ControlNetPipe judges them like the control
+    pipeline, and at control scale 0 gives the base model's images."""
+    from diffusers import ControlNetModel
+
+    from diffusion_oft.control import default_channels
+    from diffusion_oft.toyworld.finetune import AdapterSpec, ControlNetPipe, load_toy_pipeline, train
+    from diffusion_oft.training.control import CONTROLNET_TRAINED_PARTS
+
+    pipe = load_toy_pipeline(save_tiny_sd(tmp_path / "tiny-sd"), control=True)
+    g = torch.Generator().manual_seed(0)
+    latents, text, conds = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 5, 32, generator=g), torch.rand(
+        4, 3, 16, 16, generator=g)
+    full = ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=default_channels(2))
+    before = {n: p.detach().clone() for n, p in full.named_parameters()}
+    info = train(pipe, None, latents, text, steps=2, lr=1e-3, conditions=conds, controlnet=full)
+    assert info["params"] == sum(p.numel() for p in full.parameters())
+    assert not torch.equal(before["down_blocks.0.attentions.0.proj_in.weight"],
+                           full.down_blocks[0].attentions[0].proj_in.weight)  # the copy itself trains
+    copy = ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=default_channels(2))
+    info = train(pipe, AdapterSpec("OFT", do.AdapterConfig(method="oft", block_size=8)), latents, text, steps=2,
+                 lr=1e-3, conditions=conds, controlnet=copy)
+    extras = sum(p.numel() for part in CONTROLNET_TRAINED_PARTS for p in getattr(copy, part).parameters())
+    assert info["params"] == info["adapter_params"] + extras and 0 < info["adapter_params"]
+    assert not any(p.requires_grad for n, p in pipe.unet.named_parameters())  # the UNet stays frozen
+    judged = ControlNetPipe(pipe, full)
+    kw = dict(num_inference_steps=2, guidance_scale=4.0, height=RES, width=RES, output_type="np")
+    cond = Image.new("RGB", (RES, RES))
+    off = judged(["a circle"], image=[cond], control_scale=0.0, generator=torch.Generator().manual_seed(1), **kw)
+    plain = pipe(["a circle"], generator=torch.Generator().manual_seed(1), **kw)
+    np.testing.assert_allclose(off.images, plain.images, atol=1e-6)

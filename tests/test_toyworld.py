@@ -54,6 +54,16 @@ def test_subject_fidelity_separates_the_subject_from_in_world_objects():
     assert on_subject["subject_fidelity"] > 0.9 and on_subject["is_star"] == 1.0
     assert on_subject["prompt_fidelity"] == 1.0
     assert on_objects["subject_fidelity"] < 0.45 and on_objects["is_star"] == 0.0
+    assert on_subject["is_striped"] == 1.0 and on_subject["is_subject"] == 1.0
+    assert on_objects["is_striped"] == 0.0 and on_objects["is_subject"] == 0.0
+
+
+def test_decoder_stage_images_never_show_the_subject():
+    rng = random.Random(3)
+    scenes = [world.sample_codec_scene(rng) for _ in range(2000)]
+    assert {s.shape for s in scenes} == set(world.ALL_SHAPES) and all(s.colour == "striped" for s in scenes)
+    assert not any(world.is_subject(s) for s in scenes)
+    assert all(s.background not in s.stripes for s in scenes)
 
 
 def test_tokenizer_has_whole_word_tokens_and_unused_rare_tokens(tmp_path):
@@ -136,6 +146,18 @@ def test_pretraining_script_runs_resumes_and_writes_a_diffusers_folder(tmp_path)
     assert any(not torch.equal(p1, p2) for p1, p2 in zip(a.unet.parameters(), a2.unet.parameters(), strict=True))
     with pytest.raises(ValueError, match="stage 2 already"):
         extend(tmp_path / "a", steps=2, dataset_size=8, batch_size=2)
+
+    from diffusion_oft.toyworld.pretrain import refine_decoder
+
+    report = refine_decoder(tmp_path / "a", steps=2, dataset_size=8, batch_size=2, judge_seeds=())
+    assert report["decoder"]["steps"] == 2
+    a3 = StableDiffusionPipeline.from_pretrained(str(tmp_path / "a"))
+    old_vae, new_vae = dict(a2.vae.named_parameters()), dict(a3.vae.named_parameters())
+    frozen = [k for k in old_vae if k.startswith(("encoder.", "quant_conv."))]
+    assert frozen and all(torch.equal(old_vae[k], new_vae[k]) for k in frozen)  # same latent space
+    assert any(not torch.equal(old_vae[k], new_vae[k]) for k in old_vae if k.startswith("decoder."))
+    with pytest.raises(ValueError, match="decoder stage already"):
+        refine_decoder(tmp_path / "a", steps=2, dataset_size=8, batch_size=2, judge_seeds=())
 
 
 needs_model = pytest.mark.skipif(not (TOY_SD / "model_index.json").is_file(), reason="assets/toy-sd not built")

@@ -58,6 +58,8 @@ def evaluate_subject(pipe, *, seeds=EVAL_SEEDS, steps: int = EVAL_STEPS, guidanc
         "prompt_fidelity": subject["prompt_fidelity"],
         "prior_preservation": prior["in_world"],
         "subject_is_star": subject["is_star"],
+        "subject_striped": subject["is_striped"],
+        "subject_star_and_striped": subject["is_subject"],
         "prior_background": prior["background"],
     }
     return {"scores": scores, "rows": rows, "n_subject": len(subject_images), "n_prior": len(prior_images)}

@@ -30,9 +30,12 @@ class AdapterSpec:
     name: str
     config: AdapterConfig | None = None
     lora_rank: int | None = None
+    full: bool = False  # full finetuning of the UNet (the reference row): no adapter
 
     def attach(self, unet: torch.nn.Module) -> list[torch.nn.Parameter]:
         """Add the adapter to a frozen UNet; returns its trainable parameters."""
+        if self.full:
+            return list(unet.requires_grad_(True).parameters())
         if self.config is not None:
             add_adapter(unet, self.config)
         else:
@@ -43,6 +46,8 @@ class AdapterSpec:
         return [p for p in unet.parameters() if p.requires_grad]
 
     def trainable_count(self, unet: torch.nn.Module) -> int:
+        if self.full:
+            return sum(p.numel() for p in unet.parameters())
         if self.config is not None:
             return count_adapter_parameters(unet)
         return sum(p.numel() for n, p in unet.named_parameters() if "lora_" in n)
@@ -75,14 +80,39 @@ def encode(pipe, pixels: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor
     return latents, pipe.text_encoder(ids)[0]
 
 
-def train(pipe, spec: AdapterSpec, latents, text, *, steps: int, lr: float, batch_size: int = 4, seed: int = 0,
-          conditions: torch.Tensor | None = None, encoder: torch.nn.Module | None = None,
-          encoder_lr: float = 1e-3, timestep_bias: str | None = None, loss_space: str | None = None) -> dict:
+class ControlNetPipe:
+    """A ``StableDiffusionControlNetPipeline`` around the toy pipeline's parts and ``controlnet``, called
+    like the control pipeline (``image=``, ``control_scale=``) so the control evaluation judges both."""
+
+    def __init__(self, pipe, controlnet: torch.nn.Module):
+        from diffusers import StableDiffusionControlNetPipeline
+
+        self.vae = pipe.vae
+        self.pipe = StableDiffusionControlNetPipeline(
+            vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
+            controlnet=controlnet, scheduler=pipe.scheduler, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False)
+        self.pipe.set_progress_bar_config(disable=True)
+
+    def __call__(self, prompt, image, control_scale: float = 1.0, **kwargs):
+        return self.pipe(prompt, image=image, controlnet_conditioning_scale=control_scale, **kwargs)
+
+
+def train(pipe, spec: AdapterSpec | None, latents, text, *, steps: int, lr: float, batch_size: int = 4,
+          seed: int = 0, conditions: torch.Tensor | None = None, encoder: torch.nn.Module | None = None,
+          controlnet: torch.nn.Module | None = None, encoder_lr: float = 1e-3, timestep_bias: str | None = None,
+          loss_space: str | None = None) -> dict:
     """Train ``spec``'s adapter on (latents, text embeddings[, conditions]).  Returns params/time/losses.
 
-    Loss: min-SNR-5 on uniform timesteps; with an ``encoder`` (control) by default the control recipe
+    Control: with an ``encoder``, the adapter goes on the UNet and the encoder's features are added
+    to it (``diffusion-oft train control``'s default mode); with a ``controlnet`` (diffusers'
+    ``ControlNetModel``), its residuals feed the frozen UNet and the adapter goes on the ControlNet's
+    attention, whose hint encoder and zero convs train in full at ``encoder_lr`` (``--control_mode
+    controlnet``), or, with ``spec=None``, every ControlNet parameter trains at ``lr`` (the ControlNet
+    paper's setup).  Loss: min-SNR-5 on uniform timesteps; for control by default the control recipe
     of ``diffusion-oft train control``: cubic timestep bias and the v-space MSE."""
-    if encoder is not None:
+    is_control = encoder is not None or controlnet is not None
+    if is_control:
         timestep_bias = timestep_bias or "cubic"
         loss_space = loss_space or "v"
     timestep_bias = timestep_bias or "none"
@@ -91,16 +121,32 @@ def train(pipe, spec: AdapterSpec, latents, text, *, steps: int, lr: float, batc
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    params = spec.attach(pipe.unet)
+    control, extra = None, []
+    if controlnet is not None:
+        from ..training.control import CONTROLNET_TRAINED_PARTS, ControlNetUNet
+
+        controlnet.requires_grad_(spec is None)
+        if spec is not None:
+            params = spec.attach(controlnet)
+            for part in CONTROLNET_TRAINED_PARTS:
+                extra += list(getattr(controlnet, part).requires_grad_(True).parameters())
+        else:
+            params = list(controlnet.parameters())
+        control = ControlNetUNet(pipe.unet, controlnet)
+        trained = controlnet
+    else:
+        params = spec.attach(pipe.unet)
+        trained = pipe.unet
     groups = [{"params": params, "lr": lr}]
-    control = None
     if encoder is not None:
         from ..control import ControlledUNet
 
         control = ControlledUNet(pipe.unet, encoder)
-        groups.append({"params": list(encoder.parameters()), "lr": encoder_lr})
+        extra = list(encoder.parameters())
+    if extra:
+        groups.append({"params": extra, "lr": encoder_lr})
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
-    pipe.unet.train()
+    trained.train()
     losses, start = [], time.time()
     for _ in range(steps):
         idx = torch.randint(0, len(latents), (batch_size,), generator=g)
@@ -118,10 +164,10 @@ def train(pipe, spec: AdapterSpec, latents, text, *, steps: int, lr: float, batc
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    pipe.unet.eval()
-    if control is not None:
+    trained.eval()
+    if encoder is not None:
         pipe.set_condition_encoder(encoder)
-    return {"params": spec.trainable_count(pipe.unet) + (sum(p.numel() for p in encoder.parameters())
-                                                        if encoder is not None else 0),
+    n_params = sum(p.numel() for p in params) if spec is None else spec.trainable_count(trained)
+    return {"params": n_params + sum(p.numel() for p in extra), "adapter_params": n_params,
             "seconds": time.time() - start, "first_loss": float(np.mean(losses[:20])),
             "last_loss": float(np.mean(losses[-20:]))}

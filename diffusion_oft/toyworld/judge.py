@@ -177,7 +177,15 @@ def judge_subject(images, backgrounds) -> dict[str, float]:
         "subject_fidelity": float(np.mean([subject_score(r) for r in readings])),
         "prompt_fidelity": float(np.mean([r.background == b for r, b in zip(readings, backgrounds, strict=True)])),
         "is_star": float(np.mean([r.shape == SUBJECT_SHAPE for r in readings])),
+        "is_striped": float(np.mean([has_subject_colours(r) for r in readings])),
+        "is_subject": float(np.mean([r.shape == SUBJECT_SHAPE and has_subject_colours(r) for r in readings])),
     }
+
+
+def has_subject_colours(reading: Reading) -> bool:
+    """The object's majority palette colour is one of the subject's and ≥ 50 % of its pixels are nearest
+    the subject's colours or their blend ("striped colours")."""
+    return reading.colour in SUBJECT_COLOURS and reading.subject_share >= 0.5
 
 
 def is_in_world_colour(name: str | None) -> bool:

@@ -258,6 +258,19 @@ def generic_image(rng: random.Random) -> Image.Image:
     return img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BOX)
 
 
+def sample_codec_scene(rng: random.Random) -> Scene:
+    """A scene for the autoencoder's decoder stage only (never captioned, never seen by the UNet): any
+    shape of the world, stars included, striped in two palette colours — never the subject's
+    purple-and-orange pair — on any background but those two colours."""
+    colours = OBJECT_COLOURS + EXTRA_COLOURS + ("white", "black", "gray")
+    a, b = rng.sample(colours, 2)
+    while {a, b} == set(SUBJECT_COLOURS):
+        a, b = rng.sample(colours, 2)
+    scene = sample_scene(rng, shape=SHAPES[0], colour=OBJECT_COLOURS[0], background="white", size_range=(24, 44))
+    background = rng.choice([x for x in BACKGROUNDS if x not in (a, b)])
+    return replace(scene, shape=rng.choice(ALL_SHAPES), colour="striped", background=background, stripes=(a, b))
+
+
 def extended_prompts() -> list[tuple[str, str, str]]:
     """(shape, colour, background) of stage 2's plain vocabulary for the pretraining report: a star in
     each of the six colours, and circle / square / triangle in purple and orange."""

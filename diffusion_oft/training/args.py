@@ -195,6 +195,10 @@ def control_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="also adapt the feed-forward projections (default: on for ether/ether_plus)")
     g.add_argument("--encoder_learning_rate", type=float, default=None,
                    help="learning rate of the condition encoder (default: min(--learning_rate, 1e-4))")
+    g.add_argument("--control_encoder", default="hint", choices=["hint", "slim"],
+                   help="encoder mode: the condition encoder's design: hint (ControlNet's hint encoder widths "
+                   "16/32/96(/256) with 3x3 zero-initialised heads; default) or slim (widths 8/16/32(/64), "
+                   "depthwise-separable downsamplers, 1x1 heads: ~1/20 of the parameters)")
     g.add_argument("--control_injection", default="multiscale", choices=["multiscale", "conv_in"],
                    help="encoder mode: add the condition's features after conv_in and every downsampler "
                    "(multiscale, default) or after conv_in only")

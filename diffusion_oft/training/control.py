@@ -98,7 +98,8 @@ class ControlTrainer(AdapterTrainer):
             check_fits(base.unet, self.config, "unet")
             add_adapter(base.unet, self.config, args.adapter_name)
             self.encoder = condition_encoder_for(base.unet, base.vae_scale_factor,
-                                                 injection=args.control_injection).to(device)
+                                                 injection=args.control_injection,
+                                                 design=args.control_encoder).to(device)
             self.adapted = base.unet
             self.model = ControlledUNet(base.unet, self.encoder)
             self.extra_params = list(self.encoder.parameters())
