@@ -247,8 +247,11 @@ def test_block_diagonal_linear_after_matches_rotate_then_linear(tokens):
     reference = torch.nn.functional.linear(transform.right_mul(x), weight)
     torch.testing.assert_close(fast, reference, rtol=1e-12, atol=1e-12)
     upstream = torch.randn(fast.shape, dtype=torch.float64, generator=g)
-    for a, b in zip(torch.autograd.grad(fast, (x, blocks), upstream),
-                    torch.autograd.grad(reference, (x, blocks), upstream), strict=True):
+    for a, b in zip(
+        torch.autograd.grad(fast, (x, blocks), upstream),
+        torch.autograd.grad(reference, (x, blocks), upstream),
+        strict=True,
+    ):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
@@ -374,8 +377,12 @@ def test_ether_plus_routes_match_the_dense_reference_with_gradients(tokens, x_gr
     layer.add_adapter("a", method)
     x = torch.randn(2, tokens // 2, 16, requires_grad=x_grad)
     route = (low_rank_on_weight(x, linear.weight), output_side_on_activations(x, linear.weight))
-    assert route == {(4, False): (True, True), (40, False): (True, False),
-                     (40, True): (True, False), (4, True): (False, True)}[(tokens, x_grad)]
+    assert (
+        route
+        == {(4, False): (True, True), (40, False): (True, False), (40, True): (True, False), (4, True): (False, True)}[
+            (tokens, x_grad)
+        ]
+    )
     upstream = torch.randn(2, tokens // 2, 24)
     out = layer(x)
     params = [method.u_in, method.v_in, method.u_out, method.v_out]

@@ -100,8 +100,10 @@ def test_unmerge_and_remove_give_back_the_base_weights_exactly(unet_inputs, meth
                     p.add_(torch.randn_like(p) * scale)
             originals = {n: layer.base_layer.weight.detach().clone() for n, layer in do.model.named_ortho_layers(unet)}
             do.merge_adapter(unet)
-            moved = max(rel_err(layer.base_layer.weight.float(), originals[n].float())
-                        for n, layer in do.model.named_ortho_layers(unet))
+            moved = max(
+                rel_err(layer.base_layer.weight.float(), originals[n].float())
+                for n, layer in do.model.named_ortho_layers(unet)
+            )
             assert moved > 1e-3, "the merge changed nothing: the test would prove nothing"
             for _ in range(20 if scale == UNMERGE_SCALES[-1] else 3):
                 do.unmerge_adapter(unet)

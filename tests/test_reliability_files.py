@@ -179,8 +179,10 @@ def test_metadata_damage(data):
 
 
 @SETTINGS
-@given(st.sampled_from(["base_model", "adapter_config", "format_version"]), st.text(max_size=12) | json_values.map(
-    json.dumps))
+@given(
+    st.sampled_from(["base_model", "adapter_config", "format_version"]),
+    st.text(max_size=12) | json_values.map(json.dumps),
+)
 def test_adapter_info_on_damaged_metadata(key, value):
     """``diffusion-oft info`` reads untrusted files too: an answer or a one-line AdapterFileError."""
     tensors, meta, _ = valid_file()
@@ -232,8 +234,13 @@ def test_named_cases_give_clear_one_line_errors():
         "config str": (file_bytes(tensors, {**meta, "adapter_config": '{"unet": "oft"}'}), "bad adapter_config"),
         "no component": (file_bytes(tensors, {**meta, "adapter_config": "{}"}), "lists no component"),
         "int field": (
-            file_bytes(tensors, {**meta, "adapter_config": meta["adapter_config"].replace('"neumann_terms": 5',
-                                                                                          '"neumann_terms": "5"')}),
+            file_bytes(
+                tensors,
+                {
+                    **meta,
+                    "adapter_config": meta["adapter_config"].replace('"neumann_terms": 5', '"neumann_terms": "5"'),
+                },
+            ),
             "bad adapter_config",
         ),
         "nan": (file_bytes({**tensors, KEY: tensors[KEY] * float("nan")}, meta), "NaN or inf"),

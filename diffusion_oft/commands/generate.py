@@ -75,11 +75,19 @@ def register(subparsers) -> None:
     p.add_argument("--negative_prompt", default=None)
     p.add_argument("--num_images", type=int, default=4)
     p.add_argument("--steps", type=int, default=30, help="denoising steps")
-    p.add_argument("--guidance_scale", type=float, default=None,
-                   help="classifier-free guidance (FLUX.1-dev: its guidance embedding); default: the pipeline's "
-                        "own (SD 7.5, SD3 7.0, Flux 3.5)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the first image (image i uses seed + i; default 0; -1: a random seed, printed)")
+    p.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=None,
+        help="classifier-free guidance (FLUX.1-dev: its guidance embedding); default: the pipeline's "
+        "own (SD 7.5, SD3 7.0, Flux 3.5)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the first image (image i uses seed + i; default 0; -1: a random seed, printed)",
+    )
     p.add_argument("--height", type=int, default=None, help="default: the model's size")
     p.add_argument("--width", type=int, default=None, help="default: the model's size")
     p.add_argument(
@@ -188,7 +196,6 @@ def check_args(args) -> None:
 def scheduler_class(name: str):
     """(diffusers scheduler class, extra config) for a short name or a class name."""
     import diffusers
-
 
     class_name, extra = SCHEDULERS.get(name.lower(), (name, {}))
     cls = getattr(diffusers, class_name, None) if class_name.endswith("Scheduler") else None

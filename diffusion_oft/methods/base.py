@@ -31,9 +31,7 @@ METHOD_REGISTRY: dict[str, type[OrthoMethod]] = {}
 class SharedBuild(Protocol):
     """A build of several layers' transforms at once (``diffusion_oft.batching.TransformBatch``)."""
 
-    def transforms_of(
-        self, method: OrthoMethod, scale: float, dropout: bool
-    ) -> dict[str, BlockTransform] | None: ...
+    def transforms_of(self, method: OrthoMethod, scale: float, dropout: bool) -> dict[str, BlockTransform] | None: ...
 
 
 def register_method(cls: type[OrthoMethod]) -> type[OrthoMethod]:

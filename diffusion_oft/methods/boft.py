@@ -35,7 +35,9 @@ def _warn_neumann_fallback(bound: float) -> None:
         logger.warning(
             "cayley_mode='neumann': a skew block has |S|_2 = %.3g >= %g, outside the series' region of "
             "convergence; those blocks use the exact Cayley transform until |S| is back inside "
-            "(warned once)", bound, NEUMANN_LIMIT,
+            "(warned once)",
+            bound,
+            NEUMANN_LIMIT,
         )
 
 
@@ -56,11 +58,19 @@ class BOFT(OrthoMethod):
     # m = 2 butterfly factors (m = 1 would be plain OFT).
     training_defaults = {
         "dreambooth": dict(
-            num_blocks=8, n_butterfly_factors=2, learning_rate=3e-5, max_train_steps=1000,
-            adam_weight_decay=1e-2, adapter_dropout=0.1,
+            num_blocks=8,
+            n_butterfly_factors=2,
+            learning_rate=3e-5,
+            max_train_steps=1000,
+            adam_weight_decay=1e-2,
+            adapter_dropout=0.1,
         ),
         "control": dict(
-            num_blocks=8, n_butterfly_factors=2, learning_rate=1e-5, adam_weight_decay=1e-2, adapter_dropout=0.0,
+            num_blocks=8,
+            n_butterfly_factors=2,
+            learning_rate=1e-5,
+            adam_weight_decay=1e-2,
+            adapter_dropout=0.0,
             train_ff=False,
         ),
         "demo": dict(learning_rate=1e-2),

@@ -28,7 +28,6 @@ def block_diag_right_mul(x: torch.Tensor, blocks: torch.Tensor, transpose: bool 
     return torch.bmm(xb, mats).transpose(0, 1).reshape(*lead, n * b)
 
 
-
 class _RotatedWeightLinear(torch.autograd.Function):
     """(x @ BlockDiag(R)) @ W^T + bias for a frozen W, computed as x @ (W @ BlockDiag(R)^T)^T + bias.
 
@@ -61,7 +60,6 @@ class _RotatedWeightLinear(torch.autograd.Function):
             gzb = gz.reshape(-1, n, b).transpose(0, 1)
             gblocks = torch.bmm(xb.transpose(1, 2), gzb)  # (n, b, b)
         return gx, gblocks, None, gbias
-
 
 
 class _ThinUpdateLinear(torch.autograd.Function):
@@ -102,7 +100,6 @@ class _ThinUpdateLinear(torch.autograd.Function):
         return gx, None, gbias, gleft, gright
 
 
-
 class _FrozenThinProduct(torch.autograd.Function):
     """W @ V for a frozen W (a, b) and a thin V (b, r), returned as (a, r).  Both this product and its
     gradient W^T G are formed as (r, .) products and transposed, the faster orientation for thin
@@ -119,7 +116,6 @@ class _FrozenThinProduct(torch.autograd.Function):
         return None, (grad.t() @ weight).t()
 
 
-
 def thin_update_linear(
     x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, left: torch.Tensor, right: torch.Tensor
 ) -> torch.Tensor:
@@ -132,7 +128,6 @@ def thin_update_linear(
     else:
         y = _ThinUpdateLinear.apply(x2, weight, bias, left, right)
     return y.view(*x.shape[:-1], y.shape[-1])
-
 
 
 def fused_low_rank_linear(

@@ -37,8 +37,6 @@ def _weight_side_possible(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return not weight.requires_grad and x.dtype == weight.dtype and not torch.is_autocast_enabled(x.device.type)
 
 
-
-
 def low_rank_on_weight(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Where a low-rank (Householder-type) transform goes in training: fused with the frozen weight
     (W V: d_out * d_in * k, in the forward and again in the backward) or on the activations
@@ -55,8 +53,6 @@ def output_side_on_activations(x: torch.Tensor, weight: torch.Tensor) -> bool:
     folding it into the thin matrices (2 d_out d_in k for W^T V' and its gradient, plus wider
     passes over x): with 3 T <= d_in, e.g. cross-attention K/V on 77 text tokens (d_in 768)."""
     return OUTPUT_SIDE_TOKEN_RATIO * _tokens(x) <= weight.shape[1]
-
-
 
 
 def thin_fits(columns: int) -> bool:

@@ -89,7 +89,6 @@ class BlockTransform:
         return self.right_mul(torch.eye(self.dim, dtype=torch.float32, device=self.device))
 
 
-
 def butterfly_shuffle(x: torch.Tensor, level: int, block_size: int, inverse: bool = False) -> torch.Tensor:
     """x @ P_level^T (``inverse``: x @ P_level) for BOFT's level-``level`` butterfly permutation.
 
@@ -104,7 +103,6 @@ def butterfly_shuffle(x: torch.Tensor, level: int, block_size: int, inverse: boo
     chunks = dim // (groups * half * 2)
     grid = (chunks, 2, groups, half) if inverse else (chunks, groups, 2, half)
     return x.reshape(*lead, *grid).transpose(-3, -2).reshape(*lead, dim)
-
 
 
 class ButterflyTransform(BlockTransform):
@@ -177,7 +175,6 @@ class ButterflyTransform(BlockTransform):
         eye = torch.eye(self.blocks.shape[-1], dtype=torch.float64, device=self.device)
         inv_blocks = solve(self.blocks.double(), eye.expand_as(self.blocks))
         return ButterflyTransform(inv_blocks.flip(0), self.levels[::-1])
-
 
 
 class LowRankBlockTransform(BlockTransform):
@@ -263,7 +260,6 @@ class LowRankBlockTransform(BlockTransform):
         # -U (I + V^T U)^-1 = -(inner^-T U^T)^T: a solve, no explicit inverse.
         new_left = -torch.linalg.solve(inner.transpose(-1, -2), left.transpose(-1, -2)).transpose(-1, -2)
         return LowRankBlockTransform(new_left, right)  # float64
-
 
 
 def _block_diagonal(blocks: torch.Tensor) -> torch.Tensor:

@@ -29,8 +29,12 @@ def render_decoder_dataset(n: int, seed: int) -> torch.Tensor:
     """The decoder stage's images, (n, 3, 64, 64) uint8: a quarter each of stage-1 scenes, stage-2 scenes,
     striped objects of every shape (world.sample_codec_scene) and generic images."""
     rng = random.Random(seed + 3)
-    makers = (lambda: world.render(world.sample_scene(rng)), lambda: world.render(world.sample_extended_scene(rng)),
-              lambda: world.render(world.sample_codec_scene(rng)), lambda: world.generic_image(rng))
+    makers = (
+        lambda: world.render(world.sample_scene(rng)),
+        lambda: world.render(world.sample_extended_scene(rng)),
+        lambda: world.render(world.sample_codec_scene(rng)),
+        lambda: world.generic_image(rng),
+    )
     pixels = np.stack([np.asarray(makers[i % len(makers)]()) for i in range(n)])
     return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
 
@@ -42,8 +46,18 @@ def image_gradient_loss(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return F.l1_loss(dx(recon), dx(x)) + F.l1_loss(dy(recon), dy(x))
 
 
-def train_decoder(vae, latent_mean, latent_std, pixels, steps: int, batch_size: int, lr: float, generator, log,
-                  gradient_weight: float = 1.0) -> None:
+def train_decoder(
+    vae,
+    latent_mean,
+    latent_std,
+    pixels,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    generator,
+    log,
+    gradient_weight: float = 1.0,
+) -> None:
     """Train the decoder and post_quant_conv on fixed encoder posteriors (the encoder, hence the latent
     space the UNet was trained on, is unchanged): L1 + MSE + ``gradient_weight`` × image-gradient L1."""
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
@@ -66,10 +80,21 @@ def train_decoder(vae, latent_mean, latent_std, pixels, steps: int, batch_size: 
     vae.eval()
 
 
-def refine_decoder(model_dir: str | Path, output_dir: str | Path | None = None, *, seed: int = 0,
-                   dataset_size: int = 4000, steps: int = 900, batch_size: int = 24, lr: float = 1e-3,
-                   gradient_weight: float = 1.0, threads: int | None = None, log=print,
-                   judge_seeds=(0, 1), judge_steps: int = JUDGE_STEPS) -> dict:
+def refine_decoder(
+    model_dir: str | Path,
+    output_dir: str | Path | None = None,
+    *,
+    seed: int = 0,
+    dataset_size: int = 4000,
+    steps: int = 900,
+    batch_size: int = 24,
+    lr: float = 1e-3,
+    gradient_weight: float = 1.0,
+    threads: int | None = None,
+    log=print,
+    judge_seeds=(0, 1),
+    judge_steps: int = JUDGE_STEPS,
+) -> dict:
     """Pretraining stage 3: train the VAE's decoder further, the encoder frozen, on world scenes, striped
     objects of every shape and generic images (never the subject's photos or colours pair).  The latent
     space, the UNet and everything trained on latents stay valid.  Writes the VAE to ``output_dir``
@@ -102,24 +127,34 @@ def refine_decoder(model_dir: str | Path, output_dir: str | Path | None = None, 
     after = subject_reconstruction(vae)
     vae.save_pretrained(str(output_dir / "vae"), safe_serialization=True)
     report["decoder"] = {
-        "seed": seed, "dataset_size": dataset_size, "steps": steps, "batch_size": batch_size, "lr": lr,
-        "gradient_weight": gradient_weight, "threads": torch.get_num_threads(), "seconds": round(seconds, 1),
-        "vae_subject_reconstruction_before": round(before, 4), "vae_subject_reconstruction": round(after, 4),
+        "seed": seed,
+        "dataset_size": dataset_size,
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "gradient_weight": gradient_weight,
+        "threads": torch.get_num_threads(),
+        "seconds": round(seconds, 1),
+        "vae_subject_reconstruction_before": round(before, 4),
+        "vae_subject_reconstruction": round(after, 4),
     }
     if judge_seeds:
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        pipe = build_pipeline(UNet2DConditionModel.from_pretrained(str(model_dir / "unet")), vae,
-                              CLIPTextModel.from_pretrained(str(model_dir / "text_encoder")),
-                              CLIPTokenizer.from_pretrained(str(model_dir / "tokenizer")))
+        pipe = build_pipeline(
+            UNet2DConditionModel.from_pretrained(str(model_dir / "unet")),
+            vae,
+            CLIPTextModel.from_pretrained(str(model_dir / "text_encoder")),
+            CLIPTokenizer.from_pretrained(str(model_dir / "tokenizer")),
+        )
         scores, images, _ = judge_pipeline(pipe, seeds=judge_seeds, steps=judge_steps)
-        extended, ext_images, _ = judge_pipeline(pipe, seeds=judge_seeds, steps=judge_steps,
-                                                 targets=world.extended_prompts())
+        extended, ext_images, _ = judge_pipeline(
+            pipe, seeds=judge_seeds, steps=judge_steps, targets=world.extended_prompts()
+        )
         report["decoder"]["judge"] = scores
         report["decoder"]["judge_extended"] = extended
-        report["judge"] = {"steps": judge_steps, "guidance_scale": JUDGE_GUIDANCE, "seeds": list(judge_seeds),
-                           **scores}
+        report["judge"] = {"steps": judge_steps, "guidance_scale": JUDGE_GUIDANCE, "seeds": list(judge_seeds), **scores}
         columns = len(world.in_world_prompts())
         image_grid(images[:columns] + ext_images[:columns], columns=columns).save(output_dir / "samples.png")
     (output_dir / "pretraining.json").write_text(json.dumps(report, indent=2) + "\n")

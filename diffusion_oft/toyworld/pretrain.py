@@ -40,17 +40,36 @@ from .pretrain_tools import (  # noqa: F401 (re-exported: the stages' building b
 )
 
 
-def train_denoiser(unet, text_encoder, tokenizer, scheduler, latent_mean, latent_std, captions, *, steps, batch_size,
-                   lr, generator, log, ema_decay=0.999, caption_dropout=0.1, snr_gamma=5.0, state_path=None,
-                   save_every=500, stop_after=None, info=None):
+def train_denoiser(
+    unet,
+    text_encoder,
+    tokenizer,
+    scheduler,
+    latent_mean,
+    latent_std,
+    captions,
+    *,
+    steps,
+    batch_size,
+    lr,
+    generator,
+    log,
+    ema_decay=0.999,
+    caption_dropout=0.1,
+    snr_gamma=5.0,
+    state_path=None,
+    save_every=500,
+    stop_after=None,
+    info=None,
+):
     """Joint text encoder + UNet training.  Returns the EMA copies (what gets saved).
 
     Every ``save_every`` steps the whole training state (weights, EMA, optimizer, RNG) is written
     atomically to ``state_path``; a run started again with the same arguments resumes from it."""
-    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
-    empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
-                      return_tensors="pt").input_ids
+    ids = tokenizer(
+        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+    empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
@@ -97,10 +116,16 @@ def train_denoiser(unet, text_encoder, tokenizer, scheduler, latent_mean, latent
                 e.lerp_(p, 1 - decay)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if state_path is not None and (step + 1) % save_every == 0 and step + 1 < steps:
-            state = {"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
-                     "ema_unet": ema_unet.state_dict(), "ema_text": ema_text.state_dict(),
-                     "optimizer": opt.state_dict(), "generator": generator.get_state(), "step": step + 1,
-                     "running": running}
+            state = {
+                "unet": unet.state_dict(),
+                "text_encoder": text_encoder.state_dict(),
+                "ema_unet": ema_unet.state_dict(),
+                "ema_text": ema_text.state_dict(),
+                "optimizer": opt.state_dict(),
+                "generator": generator.get_state(),
+                "step": step + 1,
+                "running": running,
+            }
             torch.save(state, str(state_path) + ".tmp")
             Path(str(state_path) + ".tmp").replace(state_path)
         if stop_after is not None and step + 1 >= stop_after:  # tests: an interruption
@@ -110,10 +135,23 @@ def train_denoiser(unet, text_encoder, tokenizer, scheduler, latent_mean, latent
     return ema_unet, ema_text
 
 
-def pretrain(output_dir: str | Path, *, seed: int = 0, dataset_size: int = 20000, vae_steps: int = 1200,
-             vae_batch_size: int = 32, unet_steps: int = 2800, batch_size: int = 64, lr: float = 1e-3,
-             threads: int | None = None, log=print, judge_seeds=(0, 1), judge_steps: int = JUDGE_STEPS,
-             save_every: int = 500, stop_after: int | None = None) -> dict:
+def pretrain(
+    output_dir: str | Path,
+    *,
+    seed: int = 0,
+    dataset_size: int = 20000,
+    vae_steps: int = 1200,
+    vae_batch_size: int = 32,
+    unet_steps: int = 2800,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    threads: int | None = None,
+    log=print,
+    judge_seeds=(0, 1),
+    judge_steps: int = JUDGE_STEPS,
+    save_every: int = 500,
+    stop_after: int | None = None,
+) -> dict:
     """Run both phases (resuming from the state files in output_dir if a run was interrupted) and write
     the pipeline, samples.png and pretraining.json to output_dir.  Returns the report."""
     from diffusers import DDPMScheduler
@@ -149,17 +187,33 @@ def pretrain(output_dir: str | Path, *, seed: int = 0, dataset_size: int = 20000
     scale = 1.0 / latent_mean.std().item()
     vae.register_to_config(scaling_factor=scale)
     vae_subject = subject_reconstruction(vae)
-    log(f"VAE trained in {vae_time:.0f}s; latent std {1 / scale:.3f} → scaling_factor {scale:.4f}; "
-        f"subject fidelity of its reconstructions {vae_subject:.3f}")
+    log(
+        f"VAE trained in {vae_time:.0f}s; latent std {1 / scale:.3f} → scaling_factor {scale:.4f}; "
+        f"subject fidelity of its reconstructions {vae_subject:.3f}"
+    )
 
     scheduler = DDPMScheduler(**components.make_scheduler_config(), clip_sample=False)
     scheduler.latent_scale = scale
     t0 = time.time()
     info: dict = {}
-    ema_unet, ema_text = train_denoiser(unet, text_encoder, tokenizer, scheduler, latent_mean, latent_std, captions,
-                                        steps=unet_steps, batch_size=batch_size, lr=lr, generator=generator, log=log,
-                                        state_path=output_dir / ".pretrain-state.pt", save_every=save_every,
-                                        stop_after=stop_after, info=info)
+    ema_unet, ema_text = train_denoiser(
+        unet,
+        text_encoder,
+        tokenizer,
+        scheduler,
+        latent_mean,
+        latent_std,
+        captions,
+        steps=unet_steps,
+        batch_size=batch_size,
+        lr=lr,
+        generator=generator,
+        log=log,
+        state_path=output_dir / ".pretrain-state.pt",
+        save_every=save_every,
+        stop_after=stop_after,
+        info=info,
+    )
     unet_time = time.time() - t0
 
     pipe = build_pipeline(ema_unet, vae, ema_text, tokenizer)
@@ -167,10 +221,18 @@ def pretrain(output_dir: str | Path, *, seed: int = 0, dataset_size: int = 20000
     pipe.save_pretrained(str(output_dir), safe_serialization=True)
     image_grid(images, columns=len(world.in_world_prompts())).save(output_dir / "samples.png")
     report = {
-        "seed": seed, "dataset_size": dataset_size, "vae_steps": vae_steps, "vae_batch_size": vae_batch_size,
-        "unet_steps": unet_steps, "batch_size": batch_size, "lr": lr, "threads": torch.get_num_threads(),
-        "vae_seconds": round(vae_time, 1), "unet_seconds": round(unet_time, 1),
-        "total_seconds": round(time.time() - start, 1), "scaling_factor": scale,
+        "seed": seed,
+        "dataset_size": dataset_size,
+        "vae_steps": vae_steps,
+        "vae_batch_size": vae_batch_size,
+        "unet_steps": unet_steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "threads": torch.get_num_threads(),
+        "vae_seconds": round(vae_time, 1),
+        "unet_seconds": round(unet_time, 1),
+        "total_seconds": round(time.time() - start, 1),
+        "scaling_factor": scale,
         "vae_subject_reconstruction": round(vae_subject, 4),
         "judge": {"steps": judge_steps, "guidance_scale": JUDGE_GUIDANCE, "seeds": list(judge_seeds), **scores},
         "resumed_at": info.get("resumed_at"),
@@ -190,10 +252,23 @@ def render_extended_dataset(n: int, seed: int) -> tuple[torch.Tensor, list[str]]
     return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), [world.caption(s) for s in scenes]
 
 
-def extend(model_dir: str | Path, output_dir: str | Path | None = None, *, seed: int = 0, dataset_size: int = 8000,
-           steps: int = 1200, batch_size: int = 32, lr: float = 5e-4, ema_decay: float = 0.995,
-           threads: int | None = None, log=print, judge_seeds=(0, 1), judge_steps: int = JUDGE_STEPS,
-           save_every: int = 500, stop_after: int | None = None) -> dict:
+def extend(
+    model_dir: str | Path,
+    output_dir: str | Path | None = None,
+    *,
+    seed: int = 0,
+    dataset_size: int = 8000,
+    steps: int = 1200,
+    batch_size: int = 32,
+    lr: float = 5e-4,
+    ema_decay: float = 0.995,
+    threads: int | None = None,
+    log=print,
+    judge_seeds=(0, 1),
+    judge_steps: int = JUDGE_STEPS,
+    save_every: int = 500,
+    stop_after: int | None = None,
+) -> dict:
     """Pretraining stage 2: continue training a stage-1 model's text encoder and UNet on the extended
     world (stars, purple and orange, two-colour stripes; half the batches' scenes still from stage 1),
     the VAE unchanged.  Writes the pipeline to ``output_dir`` (default: in place) and adds a "stage2"
@@ -224,24 +299,47 @@ def extend(model_dir: str | Path, output_dir: str | Path | None = None, *, seed:
     output_dir.mkdir(parents=True, exist_ok=True)
     info: dict = {}
     t0 = time.time()
-    ema_unet, ema_text = train_denoiser(unet, text_encoder, tokenizer, scheduler, latent_mean, latent_std, captions,
-                                        steps=steps, batch_size=batch_size, lr=lr, generator=generator, log=log,
-                                        ema_decay=ema_decay, state_path=output_dir / ".extend-state.pt",
-                                        save_every=save_every, stop_after=stop_after, info=info)
+    ema_unet, ema_text = train_denoiser(
+        unet,
+        text_encoder,
+        tokenizer,
+        scheduler,
+        latent_mean,
+        latent_std,
+        captions,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        generator=generator,
+        log=log,
+        ema_decay=ema_decay,
+        state_path=output_dir / ".extend-state.pt",
+        save_every=save_every,
+        stop_after=stop_after,
+        info=info,
+    )
     seconds = time.time() - t0
     pipe = build_pipeline(ema_unet, vae, ema_text, tokenizer)
     scores, images, _ = judge_pipeline(pipe, seeds=judge_seeds, steps=judge_steps)
-    extended, ext_images, _ = judge_pipeline(pipe, seeds=judge_seeds, steps=judge_steps,
-                                             targets=world.extended_prompts())
+    extended, ext_images, _ = judge_pipeline(
+        pipe, seeds=judge_seeds, steps=judge_steps, targets=world.extended_prompts()
+    )
     pipe.save_pretrained(str(output_dir), safe_serialization=True)
     columns = len(world.in_world_prompts())
     image_grid(images[:columns] + ext_images[:columns], columns=columns).save(output_dir / "samples.png")
     report["stage1_judge"] = report.get("judge")
     report["judge"] = {"steps": judge_steps, "guidance_scale": JUDGE_GUIDANCE, "seeds": list(judge_seeds), **scores}
     report["stage2"] = {
-        "seed": seed, "dataset_size": dataset_size, "steps": steps, "batch_size": batch_size, "lr": lr,
-        "ema_decay": ema_decay, "threads": torch.get_num_threads(), "seconds": round(seconds, 1),
-        "judge_extended": extended, "resumed_at": info.get("resumed_at"),
+        "seed": seed,
+        "dataset_size": dataset_size,
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "ema_decay": ema_decay,
+        "threads": torch.get_num_threads(),
+        "seconds": round(seconds, 1),
+        "judge_extended": extended,
+        "resumed_at": info.get("resumed_at"),
     }
     (output_dir / "pretraining.json").write_text(json.dumps(report, indent=2) + "\n")
     (output_dir / ".extend-state.pt").unlink(missing_ok=True)
@@ -260,21 +358,33 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--extend_steps", type=int, default=1200, help="stage 2 steps (0: stage 1 only)")
-    p.add_argument("--stage2_only", action="store_true",
-                   help="run stage 2 on the stage-1 model already in --output_dir")
-    p.add_argument("--decoder_steps", type=int, default=0,
-                   help="stage 3: train the VAE decoder further on frozen encoder latents (0: skip)")
-    p.add_argument("--decoder_only", action="store_true",
-                   help="run only stage 3 on the model already in --output_dir")
+    p.add_argument(
+        "--stage2_only", action="store_true", help="run stage 2 on the stage-1 model already in --output_dir"
+    )
+    p.add_argument(
+        "--decoder_steps",
+        type=int,
+        default=0,
+        help="stage 3: train the VAE decoder further on frozen encoder latents (0: skip)",
+    )
+    p.add_argument("--decoder_only", action="store_true", help="run only stage 3 on the model already in --output_dir")
     args = p.parse_args(argv)
     log = lambda m: print(m, flush=True)  # noqa: E731
     if args.decoder_only:
-        refine_decoder(args.output_dir, seed=args.seed, steps=args.decoder_steps or 900, threads=args.threads,
-                       log=log)
+        refine_decoder(args.output_dir, seed=args.seed, steps=args.decoder_steps or 900, threads=args.threads, log=log)
         return 0
     if not args.stage2_only:
-        pretrain(args.output_dir, seed=args.seed, dataset_size=args.dataset_size, vae_steps=args.vae_steps,
-                 unet_steps=args.unet_steps, batch_size=args.batch_size, lr=args.lr, threads=args.threads, log=log)
+        pretrain(
+            args.output_dir,
+            seed=args.seed,
+            dataset_size=args.dataset_size,
+            vae_steps=args.vae_steps,
+            unet_steps=args.unet_steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            threads=args.threads,
+            log=log,
+        )
     if args.extend_steps > 0:
         extend(args.output_dir, seed=args.seed, steps=args.extend_steps, threads=args.threads, log=log)
     if args.decoder_steps > 0:

@@ -90,9 +90,16 @@ def build_pipeline(unet, vae, text_encoder, tokenizer):
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     scheduler = DPMSolverMultistepScheduler(**components.make_scheduler_config())
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -102,8 +109,14 @@ JUDGE_GUIDANCE = 4.0
 
 
 @torch.no_grad()
-def judge_pipeline(pipe, seeds=(0, 1), steps: int = JUDGE_STEPS, guidance_scale: float = JUDGE_GUIDANCE,
-                   cross_attention_kwargs=None, targets: list[tuple[str, str, str]] | None = None):
+def judge_pipeline(
+    pipe,
+    seeds=(0, 1),
+    steps: int = JUDGE_STEPS,
+    guidance_scale: float = JUDGE_GUIDANCE,
+    cross_attention_kwargs=None,
+    targets: list[tuple[str, str, str]] | None = None,
+):
     """Generate every in-world prompt (or every (shape, colour, background) of ``targets``) once per
     seed; returns (scores, images, targets)."""
     targets = targets or world.in_world_prompts()
@@ -111,8 +124,15 @@ def judge_pipeline(pipe, seeds=(0, 1), steps: int = JUDGE_STEPS, guidance_scale:
     images, all_targets = [], []
     for seed in seeds:
         g = torch.Generator().manual_seed(seed)
-        out = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance_scale, generator=g,
-                   height=world.IMAGE_SIZE, width=world.IMAGE_SIZE, cross_attention_kwargs=cross_attention_kwargs)
+        out = pipe(
+            prompts,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            generator=g,
+            height=world.IMAGE_SIZE,
+            width=world.IMAGE_SIZE,
+            cross_attention_kwargs=cross_attention_kwargs,
+        )
         images += out.images
         all_targets += targets
     return judge_in_world(images, all_targets), images, all_targets

@@ -193,8 +193,9 @@ def _load_legacy_state(directory: Path, optimizer, lr_scheduler, scaler) -> None
                 f"never code: {reason}); resume from a checkpoint written by this version or start afresh"
             ) from None
 
-    logger.warning("%s: a checkpoint of diffusion-oft <= 0.1 (accelerate's files); its RNG files are not read",
-                   directory)
+    logger.warning(
+        "%s: a checkpoint of diffusion-oft <= 0.1 (accelerate's files); its RNG files are not read", directory
+    )
     optimizer.load_state_dict(load("optimizer.bin"))
     if (directory / LEGACY_SCHEDULER_FILE).is_file():
         lr_scheduler.load_state_dict(load(LEGACY_SCHEDULER_FILE))

@@ -48,6 +48,7 @@ logger = logging.getLogger("diffusion_oft.training")
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf; training stopped without writing anything for that step."""
 
+
 ADAPTER_FILE = "adapter.safetensors"
 LOG_EVERY = 10  # steps between reads of the losses (host syncs); also before every checkpoint / validation
 
@@ -153,8 +154,13 @@ class AdapterTrainer:
         self.save_training_state(directory)
 
     def save_training_state(self, directory: Path) -> None:
-        save_training_state(directory, self.optimizer, self.lr_scheduler, self.accelerator.scaler,
-                            extra={"global_step": self.global_step})
+        save_training_state(
+            directory,
+            self.optimizer,
+            self.lr_scheduler,
+            self.accelerator.scaler,
+            extra={"global_step": self.global_step},
+        )
 
     def load_checkpoint(self, directory: Path) -> None:
         """Restore the adapter, the extra files and the loop state of a checkpoint folder (every process)."""
@@ -208,15 +214,22 @@ class AdapterTrainer:
         keys = sorted({k for entry in pending for k in entry["logs"]})
         # (steps, keys) on the device; missing parts (e.g. no prior loss) as NaN placeholders, then dropped
         device = self.accelerator.device
-        values = torch.stack([
-            torch.stack([torch.as_tensor(entry["logs"].get(k, float("nan")), dtype=torch.float32, device=device)
-                         for k in keys])
-            for entry in pending
-        ])
+        values = torch.stack(
+            [
+                torch.stack(
+                    [
+                        torch.as_tensor(entry["logs"].get(k, float("nan")), dtype=torch.float32, device=device)
+                        for k in keys
+                    ]
+                )
+                for entry in pending
+            ]
+        )
         micro_losses = [(entry, micro, loss) for entry in pending for micro, loss in entry["micro_losses"]]
         # per micro-batch: (loss value as float32, 1 if not finite); the mean keeps a NaN / inf visible
-        checks = torch.stack([torch.stack([loss.float().mean(), (~torch.isfinite(loss)).any().float()])
-                              for _, _, loss in micro_losses]).to(device)
+        checks = torch.stack(
+            [torch.stack([loss.float().mean(), (~torch.isfinite(loss)).any().float()]) for _, _, loss in micro_losses]
+        ).to(device)
         if self.accelerator.num_processes > 1:
             loss_col = keys.index("loss")
             values[:, loss_col] = self.accelerator.reduce(values[:, loss_col].contiguous(), "mean")
@@ -277,8 +290,12 @@ class AdapterTrainer:
                 group["lr"] *= accum * args.train_batch_size * world
         self.optimizer = optimizer = self.make_optimizer(groups)
         lr_scheduler = get_scheduler(
-            args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
-            num_training_steps=args.max_train_steps, num_cycles=args.lr_num_cycles, power=args.lr_power,
+            args.lr_scheduler,
+            optimizer=optimizer,
+            num_warmup_steps=args.lr_warmup_steps,
+            num_training_steps=args.max_train_steps,
+            num_cycles=args.lr_num_cycles,
+            power=args.lr_power,
         )
         modules = self.trainable_modules()
         prepared = accelerator.prepare(*modules, optimizer)
@@ -308,8 +325,13 @@ class AdapterTrainer:
         start_batch = self.global_step * accum
         remaining = max(0, args.max_train_steps - self.global_step) * accum
         sampler = StreamBatchSampler(
-            n_examples, args.train_batch_size, args.seed, num_batches=remaining, start_batch=start_batch,
-            num_replicas=world, rank=accelerator.process_index,
+            n_examples,
+            args.train_batch_size,
+            args.seed,
+            num_batches=remaining,
+            start_batch=start_batch,
+            num_replicas=world,
+            rank=accelerator.process_index,
         )
         dataloader = make_dataloader(self.dataset, self.collate_fn, sampler, args.dataloader_num_workers)
         progress = tqdm(
@@ -320,8 +342,12 @@ class AdapterTrainer:
         self.set_train_mode(True)
         clip_params = [p for g in groups for p in g["params"]]
         # the adapters' post-step projections (COFT), listed once: walking the modules costs ms per step
-        adapters = [m for comp in self.adapted_components().values() for layer in ortho_layers(comp)
-                    for m in layer.ortho_adapters.values()]
+        adapters = [
+            m
+            for comp in self.adapted_components().values()
+            for layer in ortho_layers(comp)
+            for m in layer.ortho_adapters.values()
+        ]
         # Nothing in the step reads a tensor back to the host: the losses and the finiteness flag stay on the
         # device and are read every LOG_EVERY steps and before anything is written (flush_logs).
         step_logs: dict[str, torch.Tensor] = {}
@@ -355,8 +381,14 @@ class AdapterTrainer:
                     for method in adapters:
                         method.constrain_()
                 self.global_step += 1
-                pending.append({"step": self.global_step, "micro_losses": micro_losses, "logs": step_logs,
-                                "lr": lr_scheduler.get_last_lr()[0]})
+                pending.append(
+                    {
+                        "step": self.global_step,
+                        "micro_losses": micro_losses,
+                        "logs": step_logs,
+                        "lr": lr_scheduler.get_last_lr()[0],
+                    }
+                )
                 step_logs, micro_losses = {}, []
                 progress.update(1)
                 checkpoint = (
@@ -399,8 +431,7 @@ class AdapterTrainer:
         accelerator.end_training()
         elapsed = time.time() - start_time
         self.log(f"done: {self.global_step} steps in {elapsed:.1f} s; outputs in {self.output_dir}")
-        return {"global_step": self.global_step, "history": self.history, "outputs": self.outputs,
-                "seconds": elapsed}
+        return {"global_step": self.global_step, "history": self.history, "outputs": self.outputs, "seconds": elapsed}
 
     def on_prepared(self, modules: list[nn.Module]) -> None:
         """Called with the prepared (possibly DDP-wrapped) trainable modules, in order."""
