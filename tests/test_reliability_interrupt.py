@@ -19,6 +19,8 @@ from diffusion_oft.tiny import save_tiny_sd
 from diffusion_oft.training.checkpoints import checkpoint_problem, list_checkpoints, resolve_checkpoint
 from diffusion_oft.training.dreambooth import main as train_main
 
+pytestmark = pytest.mark.slow  # interruption
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Runs the DreamBooth trainer and SIGKILLs its own process at a chosen point (no cleanup runs).
@@ -167,8 +169,6 @@ def test_torn_checkpoints_are_detected_and_skipped(tmp_path, capsys):
 # A pickle that writes a file when it is unpickled (what a checkpoint folder from elsewhere could hold).
 HOSTILE = """
 import pickle, sys
-
-pytestmark = pytest.mark.slow  # interruption
 class Boom:
     def __reduce__(self):
         return (open, (sys.argv[2], "w"))
