@@ -13,6 +13,8 @@ from training_helpers import make_subject_images, read_tensors
 
 from diffusion_oft.tiny import save_tiny_sd
 
+pytestmark = pytest.mark.slow  # DDP
+
 RANK_SCRIPT = """
 import sys
 from pathlib import Path
@@ -20,8 +22,6 @@ from safetensors.torch import save_file
 from diffusion_oft.files import adapter_state_dict
 from diffusion_oft.training.args import dreambooth_parser, finalize_args
 from diffusion_oft.training.dreambooth import DreamBoothTrainer
-
-pytestmark = pytest.mark.slow  # DDP
 
 dump = Path(sys.argv[1])
 args = finalize_args(dreambooth_parser().parse_args(sys.argv[2:]), "dreambooth")
