@@ -81,8 +81,10 @@ def test_merge_matches_unmerged_and_unmerge_does_not_drift(tiny_unet, unet_input
 UNMERGE_SCALES = (0.01, 0.3, 1.0, 3.0)
 
 
-@pytest.mark.parametrize("magnitude", [False, True], ids=["plain", "magnitude"])
-@pytest.mark.parametrize("side", ["input", "output"])
+# The default run checks the input side without magnitude for every method; the other three combinations
+# run with the slow tests (CI).
+@pytest.mark.parametrize("magnitude", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["plain", "magnitude"])
+@pytest.mark.parametrize("side", ["input", pytest.param("output", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("method", ALL)
 def test_unmerge_and_remove_give_back_the_base_weights_exactly(unet_inputs, method, side, magnitude):
     """merge -> 20 x (unmerge, merge) -> unmerge -> remove: the base weights bit for bit, in fp32, fp16 and

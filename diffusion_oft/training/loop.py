@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..files import read_adapter_file, save_adapter
-from ..model import adapter_configs, adapter_parameters, ortho_layers
+from ..model import ortho_layers
 from .checkpoints import (
     check_output_dir,
     checkpoint_step,
@@ -39,7 +39,15 @@ from .checkpoints import (
     save_training_state,
 )
 from .data import StreamBatchSampler, make_dataloader, mix_seed
-from .runtime import build_accelerator, make_optimizer
+from .runtime import (  # noqa: F401 (re-exported: the trainers import them from here)
+    adapted_layer_count,
+    build_accelerator,
+    cast_trainable_to_fp32,
+    flush_logs,
+    make_optimizer,
+    trainable_adapter_params,
+    weight_dtype_of,
+)
 from .validation import log_images, save_grid
 
 logger = logging.getLogger("diffusion_oft.training")
@@ -51,17 +59,6 @@ class NonFiniteLossError(RuntimeError):
 
 ADAPTER_FILE = "adapter.safetensors"
 LOG_EVERY = 10  # steps between reads of the losses (host syncs); also before every checkpoint / validation
-
-
-def weight_dtype_of(mixed_precision: str | None) -> torch.dtype:
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision or "no", torch.float32)
-
-
-def cast_trainable_to_fp32(module: nn.Module) -> None:
-    """Adapter parameters (and other trainable ones) stay float32 under fp16/bf16 weights."""
-    for param in module.parameters():
-        if param.requires_grad:
-            param.data = param.data.float()
 
 
 class AdapterTrainer:
@@ -206,49 +203,9 @@ class AdapterTrainer:
         )
 
     def flush_logs(self, pending: list[dict], progress) -> None:
-        """Read the losses of the steps since the last flush (one host sync for all of them), stop on a
-        non-finite one, and log them.  Called before anything is written (checkpoints, validation, the
-        adapter), so a NaN step still leaves no file behind; ``pending`` is emptied."""
-        if not pending:
-            return
-        keys = sorted({k for entry in pending for k in entry["logs"]})
-        # (steps, keys) on the device; missing parts (e.g. no prior loss) as NaN placeholders, then dropped
-        device = self.accelerator.device
-        values = torch.stack(
-            [
-                torch.stack(
-                    [
-                        torch.as_tensor(entry["logs"].get(k, float("nan")), dtype=torch.float32, device=device)
-                        for k in keys
-                    ]
-                )
-                for entry in pending
-            ]
-        )
-        micro_losses = [(entry, micro, loss) for entry in pending for micro, loss in entry["micro_losses"]]
-        # per micro-batch: (loss value as float32, 1 if not finite); the mean keeps a NaN / inf visible
-        checks = torch.stack(
-            [torch.stack([loss.float().mean(), (~torch.isfinite(loss)).any().float()]) for _, _, loss in micro_losses]
-        ).to(device)
-        if self.accelerator.num_processes > 1:
-            loss_col = keys.index("loss")
-            values[:, loss_col] = self.accelerator.reduce(values[:, loss_col].contiguous(), "mean")
-            checks[:, 1] = self.accelerator.reduce(checks[:, 1].contiguous(), "sum")  # any rank's NaN stops all
-        rows, checks = values.tolist(), checks.tolist()  # the one host sync
-        entries = list(pending)
-        pending.clear()
-        for (entry, micro, _), (value, bad) in zip(micro_losses, checks, strict=True):
-            if bad:
-                self._raise_non_finite(value, entry["step"], micro)
-        for entry, row in zip(entries, rows, strict=True):
-            logs = {k: v for k, v in zip(keys, row, strict=True) if k in entry["logs"]}
-            logs["lr"] = entry["lr"]
-            self.history.append({"step": entry["step"], **logs})
-            self.accelerator.log(logs, step=entry["step"])
-        last = self.history[-1]
-        progress.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}")
+        """Read, check (non-finite: stop) and log the losses of the steps since the last flush (``runtime``)."""
+        flush_logs(self, pending, progress)
 
-    # ---- the run -----------------------------------------------------------------------------------
     def build_accelerator(self):
         return build_accelerator(self.args, self.output_dir)
 
@@ -461,13 +418,3 @@ class AdapterTrainer:
                 log_images(accelerator, "final" if final else "validation", images, self.global_step)
                 self.log(f"{'sample' if final else 'validation'} grid: {path}")
         accelerator.wait_for_everyone()
-
-
-def adapted_layer_count(module: nn.Module) -> int:
-    return len(ortho_layers(module))
-
-
-def trainable_adapter_params(module: nn.Module, adapter_name: str) -> list[nn.Parameter]:
-    if adapter_name not in adapter_configs(module):
-        return []
-    return [p for p in adapter_parameters(module, adapter_name) if p.requires_grad]

@@ -1,10 +1,14 @@
-"""The run's accelerate and optimizer set-up (``AdapterTrainer.build_accelerator`` / ``make_optimizer``)."""
+"""The run's set-up and bookkeeping: accelerator, optimizer, weight dtypes, trainable adapter parameters,
+the loss log (``AdapterTrainer.build_accelerator`` / ``make_optimizer`` / ``flush_logs``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+from torch import nn
+
+from ..model import adapter_configs, adapter_parameters, ortho_layers
 
 
 def build_accelerator(args, output_dir: Path):
@@ -41,3 +45,68 @@ def make_optimizer(args, groups: list[dict]):
             raise ValueError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
         return bnb.optim.AdamW8bit(groups, **kwargs)
     return torch.optim.AdamW(groups, **kwargs)
+
+
+def weight_dtype_of(mixed_precision: str | None) -> torch.dtype:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision or "no", torch.float32)
+
+
+def cast_trainable_to_fp32(module: nn.Module) -> None:
+    """Adapter parameters (and other trainable ones) stay float32 under fp16/bf16 weights."""
+    for param in module.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+
+
+def adapted_layer_count(module: nn.Module) -> int:
+    return len(ortho_layers(module))
+
+
+def trainable_adapter_params(module: nn.Module, adapter_name: str) -> list[nn.Parameter]:
+    if adapter_name not in adapter_configs(module):
+        return []
+    return [p for p in adapter_parameters(module, adapter_name) if p.requires_grad]
+
+
+def flush_logs(trainer, pending: list[dict], progress) -> None:
+    """Read the losses of the steps since the last flush (one host sync for all of them), stop on a
+    non-finite one, and log them.  Called before anything is written (checkpoints, validation, the
+    adapter), so a NaN step still leaves no file behind; ``pending`` is emptied."""
+    if not pending:
+        return
+    keys = sorted({k for entry in pending for k in entry["logs"]})
+    # (steps, keys) on the device; missing parts (e.g. no prior loss) as NaN placeholders, then dropped
+    device = trainer.accelerator.device
+    values = torch.stack(
+        [
+            torch.stack(
+                [torch.as_tensor(entry["logs"].get(k, float("nan")), dtype=torch.float32, device=device) for k in keys]
+            )
+            for entry in pending
+        ]
+    )
+    micro_losses = [(entry, micro, loss) for entry in pending for micro, loss in entry["micro_losses"]]
+    # per micro-batch: (loss value as float32, 1 if not finite); the mean keeps a NaN / inf visible
+    checks = torch.stack(
+        [torch.stack([loss.float().mean(), (~torch.isfinite(loss)).any().float()]) for _, _, loss in micro_losses]
+    ).to(device)
+    if trainer.accelerator.num_processes > 1:
+        loss_col = keys.index("loss")
+        values[:, loss_col] = trainer.accelerator.reduce(values[:, loss_col].contiguous(), "mean")
+        checks[:, 1] = trainer.accelerator.reduce(checks[:, 1].contiguous(), "sum")  # any rank's NaN stops all
+    rows, checks = values.tolist(), checks.tolist()  # the one host sync
+    entries = list(pending)
+    pending.clear()
+    for (entry, micro, _), (value, bad) in zip(micro_losses, checks, strict=True):
+        if bad:
+            trainer._raise_non_finite(value, entry["step"], micro)
+    for entry, row in zip(entries, rows, strict=True):
+        logs = {k: v for k, v in zip(keys, row, strict=True) if k in entry["logs"]}
+        logs["lr"] = entry["lr"]
+        trainer.history.append({"step": entry["step"], **logs})
+        trainer.accelerator.log(logs, step=entry["step"])
+    last = trainer.history[-1]
+    progress.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}")
+
+
+# ---- the run -----------------------------------------------------------------------------------
