@@ -125,8 +125,11 @@ def bootstrap_means(groups: list[list[float]], rng) -> np.ndarray:
 def interval(groups: list[list[float]], seed: int = 0) -> tuple[float, float, float]:
     """(mean, 2.5 %, 97.5 %) of a row's figure over its training seeds' images."""
     draws = bootstrap_means(groups, np.random.default_rng(seed))
-    return float(np.mean([np.mean(g) for g in groups])), float(np.quantile(draws, 0.025)), float(
-        np.quantile(draws, 0.975))
+    return (
+        float(np.mean([np.mean(g) for g in groups])),
+        float(np.quantile(draws, 0.025)),
+        float(np.quantile(draws, 0.975)),
+    )
 
 
 def difference(a: list[list[float]], b: list[list[float]], seed: int = 0) -> tuple[float, float, float]:
@@ -152,13 +155,20 @@ def control_references(encoder_design: str):
         ("oft", f"OFT b=32 + {encoder_design} encoder", "encoder", specs["oft"], encoder_design),
         ("boft", f"BOFT b=8 m=2 + {encoder_design} encoder", "encoder", specs["boft"], encoder_design),
         ("lora", f"LoRA r=4 (PEFT) + {encoder_design} encoder", "encoder", specs["lora"], encoder_design),
-        ("controlnet_mode", "--control_mode controlnet (OFT b=32 on the copy + hint/zero convs)", "controlnet",
-         specs["oft"], None),
-        (f"oft_{other}", f"OFT b=32 + {other} encoder", "encoder", specs["oft"], other),    ]
+        (
+            "controlnet_mode",
+            "--control_mode controlnet (OFT b=32 on the copy + hint/zero convs)",
+            "controlnet",
+            specs["oft"],
+            None,
+        ),
+        (f"oft_{other}", f"OFT b=32 + {other} encoder", "encoder", specs["oft"], other),
+    ]
 
 
-def run_control(model, key, kind, spec, design, steps, seed, runs_dir: Path | None = None, evaluate_only=False,
-                evaluate=True):
+def run_control(
+    model, key, kind, spec, design, steps, seed, runs_dir: Path | None = None, evaluate_only=False, evaluate=True
+):
     """Train one control reference on assets/control (cached latents) and judge it on the held-out and
     hand-drawn outlines at control scales 0, 0.5, 1 (the ceiling is computed once, by the caller).
     With ``runs_dir`` the trained tensors are kept in ``runs_dir/<key>.pt``; ``evaluate_only`` judges
@@ -170,8 +180,9 @@ def run_control(model, key, kind, spec, design, steps, seed, runs_dir: Path | No
     pipe = load_toy_pipeline(model, control=True)
     latents, text, conds = control_data(pipe)
     torch.manual_seed(seed)
-    common = dict(steps=steps, lr=CONTROL_LR, encoder_lr=CONTROL_LR, seed=seed, conditions=conds,
-                  batch_size=CONTROL_BATCH)
+    common = dict(
+        steps=steps, lr=CONTROL_LR, encoder_lr=CONTROL_LR, seed=seed, conditions=conds, batch_size=CONTROL_BATCH
+    )
     encoder = controlnet = None
     if kind == "encoder":
         encoder = condition_encoder_for(pipe.unet, pipe.vae_scale_factor, design=design)
@@ -180,7 +191,8 @@ def run_control(model, key, kind, spec, design, steps, seed, runs_dir: Path | No
         from diffusers import ControlNetModel
 
         controlnet = ControlNetModel.from_unet(
-            pipe.unet, conditioning_embedding_out_channels=default_channels(pipe.vae_scale_factor))
+            pipe.unet, conditioning_embedding_out_channels=default_channels(pipe.vae_scale_factor)
+        )
         trained, judged = controlnet, ControlNetPipe(pipe, controlnet)
     saved = runs_dir / f"{key}.pt" if runs_dir is not None else None
     if evaluate_only:
@@ -201,9 +213,14 @@ def run_control(model, key, kind, spec, design, steps, seed, runs_dir: Path | No
         info = train(pipe, spec, latents, text, encoder=encoder, controlnet=controlnet, **common)
         if saved is not None:
             runs_dir.mkdir(parents=True, exist_ok=True)
-            torch.save({"info": info, "encoder": encoder.state_dict() if encoder is not None else None,
-                        "trained": {n: p.detach().clone() for n, p in trained.named_parameters() if p.requires_grad}},
-                       saved)
+            torch.save(
+                {
+                    "info": info,
+                    "encoder": encoder.state_dict() if encoder is not None else None,
+                    "trained": {n: p.detach().clone() for n, p in trained.named_parameters() if p.requires_grad},
+                },
+                saved,
+            )
     if not evaluate:
         return info, None
     return info, evaluate_control_task(judged, scales=CONTROL_SCALES, ceiling=False)
@@ -224,8 +241,18 @@ def control_task(args, out: Path) -> None:
         if args.control_only and key not in args.control_only:
             continue
         runs = Path(args.control_runs_dir) if args.control_runs_dir else None
-        info, result = run_control(args.model, key, kind, spec, design, args.control_steps, args.seed, runs,
-                                   args.control_evaluate_only, evaluate=not args.control_train_only)
+        info, result = run_control(
+            args.model,
+            key,
+            kind,
+            spec,
+            design,
+            args.control_steps,
+            args.seed,
+            runs,
+            args.control_evaluate_only,
+            evaluate=not args.control_train_only,
+        )
         if result is None:
             print(f"{key}: trained in {info['seconds']:.0f} s, kept in {runs}", flush=True)
             continue
@@ -233,13 +260,27 @@ def control_task(args, out: Path) -> None:
         # control scale 0 of a ControlNet row is the base model (the UNet is untouched); of an encoder
         # row it is the UNet with its adapter and the control off
         if base is None and kind != "encoder":
-            base = {"key": "base", "method": "base model (control off)", "params": 0, "adapter_params": 0,
-                    "seconds": 0.0, "held_out": res["held_out@0"], "hand_drawn": res["hand_drawn@0"]}
+            base = {
+                "key": "base",
+                "method": "base model (control off)",
+                "params": 0,
+                "adapter_params": 0,
+                "seconds": 0.0,
+                "held_out": res["held_out@0"],
+                "hand_drawn": res["hand_drawn@0"],
+            }
             rows.append(base)
-        row = {"key": key, "method": label, "params": info["params"], "adapter_params": info["adapter_params"],
-               "seconds": info["seconds"], "loss": (info["first_loss"], info["last_loss"]),
-               **{f"{s}@{c:g}": res[f"{s}@{c:g}"] for s in ("held_out", "hand_drawn") for c in CONTROL_SCALES},
-               "held_out": res["held_out@1"], "hand_drawn": res["hand_drawn@1"]}
+        row = {
+            "key": key,
+            "method": label,
+            "params": info["params"],
+            "adapter_params": info["adapter_params"],
+            "seconds": info["seconds"],
+            "loss": (info["first_loss"], info["last_loss"]),
+            **{f"{s}@{c:g}": res[f"{s}@{c:g}"] for s in ("held_out", "hand_drawn") for c in CONTROL_SCALES},
+            "held_out": res["held_out@1"],
+            "hand_drawn": res["hand_drawn@1"],
+        }
         rows.append(row)
         print(format_control_row(row, ceiling), flush=True)
         (out / "quality_control_partial.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
@@ -248,11 +289,13 @@ def control_task(args, out: Path) -> None:
         return
     rows.append({"key": "ceiling", "method": "ceiling (VAE reconstructions)", "held_out": ceiling})
     elapsed = time.time() - start
-    header = (f"Toy-world control references: {args.control_steps} steps of batch {CONTROL_BATCH} on the 120 triples "
-              f"of assets/control (latents cached), lr {CONTROL_LR:g} for every trained part, cubic timesteps + "
-              f"v-space loss; judged on 12 held-out + 12 hand-drawn outlines (20 DPM-Solver steps, guidance 4). "
-              f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s), torch "
-              f"{torch.__version__}; total {elapsed / 60:.1f} min.")
+    header = (
+        f"Toy-world control references: {args.control_steps} steps of batch {CONTROL_BATCH} on the 120 triples "
+        f"of assets/control (latents cached), lr {CONTROL_LR:g} for every trained part, cubic timesteps + "
+        f"v-space loss; judged on 12 held-out + 12 hand-drawn outlines (20 DPM-Solver steps, guidance 4). "
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s), torch "
+        f"{torch.__version__}; total {elapsed / 60:.1f} min."
+    )
     table = format_control_table(rows, ceiling)
     print("\n" + header + "\n\n" + table)
     (out / "quality_control.md").write_text(header + "\n\n" + table + "\n", encoding="utf-8")
@@ -276,9 +319,11 @@ def merge_control_tables(dirs: list[str], out: Path, encoder_design: str) -> Non
     (out / "quality_control.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
 
 
-CONTROL_HEAD = ("| model | trainable params (adapter) | % of full ControlNet | held-out followed | box IoU | edge F1 | "
-                "F1 at scale 0 / 0.5 | F1 / full ControlNet's | gap closed | colour kept | hand-drawn followed | "
-                "hand-drawn F1 | train s |")
+CONTROL_HEAD = (
+    "| model | trainable params (adapter) | % of full ControlNet | held-out followed | box IoU | edge F1 | "
+    "F1 at scale 0 / 0.5 | F1 / full ControlNet's | gap closed | colour kept | hand-drawn followed | "
+    "hand-drawn F1 | train s |"
+)
 FULL_CONTROLNET = "full_controlnet"  # the row the others are compared with
 
 
@@ -287,26 +332,33 @@ def format_control_row(row: dict, ceiling: dict, full: dict | None = None, base_
     which for adapters on the UNet is the adapter with the control off, not the base model)."""
     h = row["held_out"]
     if "params" not in row:  # the ceiling
-        return (f"| {row['method']} | – | – | {round(h['followed'] * h['n'])}/{h['n']} | {h['box_iou']:.3f} | "
-                f"{h['edge_f1']:.3f} | – | – | 100 % | {h['colour_kept']:.2f} | – | – | – |")
+        return (
+            f"| {row['method']} | – | – | {round(h['followed'] * h['n'])}/{h['n']} | {h['box_iou']:.3f} | "
+            f"{h['edge_f1']:.3f} | – | – | 100 % | {h['colour_kept']:.2f} | – | – | – |"
+        )
     base_f1 = row.get("held_out@0", h)["edge_f1"] if base_f1 is None else base_f1
     gap = (h["edge_f1"] - base_f1) / max(ceiling["edge_f1"] - base_f1, 1e-9)
     share = f"{100 * row['params'] / full['params']:.1f} %" if full else "–"
     ratio = f"{h['edge_f1'] / full['held_out']['edge_f1']:.2f}×" if full else "–"
-    scales = (f"{row['held_out@0']['edge_f1']:.3f} / {row['held_out@0.5']['edge_f1']:.3f}" if "held_out@0.5" in row
-              else "–")
+    scales = (
+        f"{row['held_out@0']['edge_f1']:.3f} / {row['held_out@0.5']['edge_f1']:.3f}" if "held_out@0.5" in row else "–"
+    )
     hd = row["hand_drawn"]
-    return (f"| {row['method']} | {row['params']:,} ({row['adapter_params']:,}) | {share} | "
-            f"{round(h['followed'] * h['n'])}/{h['n']} | {h['box_iou']:.3f} | {h['edge_f1']:.3f} | {scales} | "
-            f"{ratio} | {100 * gap:.0f} % | {h['colour_kept']:.2f} | {round(hd['followed'] * hd['n'])}/{hd['n']} | "
-            f"{hd['edge_f1']:.3f} | {row['seconds']:.0f} |")
+    return (
+        f"| {row['method']} | {row['params']:,} ({row['adapter_params']:,}) | {share} | "
+        f"{round(h['followed'] * h['n'])}/{h['n']} | {h['box_iou']:.3f} | {h['edge_f1']:.3f} | {scales} | "
+        f"{ratio} | {100 * gap:.0f} % | {h['colour_kept']:.2f} | {round(hd['followed'] * hd['n'])}/{hd['n']} | "
+        f"{hd['edge_f1']:.3f} | {row['seconds']:.0f} |"
+    )
 
 
 def format_control_table(rows: list[dict], ceiling: dict) -> str:
     full = next((r for r in rows if r.get("key") == FULL_CONTROLNET), None)
     base_f1 = next((r["held_out"]["edge_f1"] for r in rows if r.get("key") == "base"), None)
-    return "\n".join([CONTROL_HEAD, "| " + " | ".join(["---"] * 13) + " |"]
-                     + [format_control_row(r, ceiling, full, base_f1) for r in rows])
+    return "\n".join(
+        [CONTROL_HEAD, "| " + " | ".join(["---"] * 13) + " |"]
+        + [format_control_row(r, ceiling, full, base_f1) for r in rows]
+    )
 
 
 def main(argv=None) -> int:
@@ -315,25 +367,51 @@ def main(argv=None) -> int:
     p.add_argument("--methods", nargs="+", default=["oft", "boft", "ether", "ether_plus", "lora", "full"])
     p.add_argument("--tasks", nargs="+", default=["subject", "control"], choices=["subject", "control"])
     p.add_argument("--subject_steps", type=int, default=150)
-    p.add_argument("--control_steps", type=int, default=600,
-                   help="control task budget (the multiscale encoder, cubic timesteps, v-space loss; at 150 steps "
-                   "nothing is followed yet)")
-    p.add_argument("--control_encoder", default="slim", choices=["slim", "hint"],
-                   help="encoder design of the OFT/BOFT/LoRA rows (OFT also runs with the other one)")
-    p.add_argument("--control_only", nargs="+", default=None,
-                   help="run only these control references (keys: oft boft lora oft_hint|oft_slim "
-                   "full_controlnet controlnet_mode)")
-    p.add_argument("--control_runs_dir", default=None,
-                   help="keep each trained control reference here (<key>.pt) ...")
-    p.add_argument("--control_evaluate_only", action="store_true",
-                   help="... and judge the kept runs instead of training (train s: of the kept run)")
-    p.add_argument("--control_train_only", action="store_true",
-                   help="train and keep the control references (needs --control_runs_dir), judge them later")
-    p.add_argument("--control_merge", nargs="+", default=None, metavar="DIR",
-                   help="only merge the control tables of these output dirs into --output_dir")
+    p.add_argument(
+        "--control_steps",
+        type=int,
+        default=600,
+        help="control task budget (the multiscale encoder, cubic timesteps, v-space loss; at 150 steps "
+        "nothing is followed yet)",
+    )
+    p.add_argument(
+        "--control_encoder",
+        default="slim",
+        choices=["slim", "hint"],
+        help="encoder design of the OFT/BOFT/LoRA rows (OFT also runs with the other one)",
+    )
+    p.add_argument(
+        "--control_only",
+        nargs="+",
+        default=None,
+        help="run only these control references (keys: oft boft lora oft_hint|oft_slim "
+        "full_controlnet controlnet_mode)",
+    )
+    p.add_argument("--control_runs_dir", default=None, help="keep each trained control reference here (<key>.pt) ...")
+    p.add_argument(
+        "--control_evaluate_only",
+        action="store_true",
+        help="... and judge the kept runs instead of training (train s: of the kept run)",
+    )
+    p.add_argument(
+        "--control_train_only",
+        action="store_true",
+        help="train and keep the control references (needs --control_runs_dir), judge them later",
+    )
+    p.add_argument(
+        "--control_merge",
+        nargs="+",
+        default=None,
+        metavar="DIR",
+        help="only merge the control tables of these output dirs into --output_dir",
+    )
     p.add_argument("--train_seeds", type=int, default=None, help="training seeds per row (full 3, quick 1)")
-    p.add_argument("--eval_seeds", type=int, default=None,
-                   help="evaluation seeds per run, each 6 subject + 12 in-world images (full 6, quick 2)")
+    p.add_argument(
+        "--eval_seeds",
+        type=int,
+        default=None,
+        help="evaluation seeds per run, each 6 subject + 12 in-world images (full 6, quick 2)",
+    )
     p.add_argument("--lr_factors", type=float, nargs="+", default=None, help="default 0.3 1 3 (quick: 1)")
     p.add_argument("--quick", action="store_true", help="middle LR, 1 training seed, 2 evaluation seeds")
     p.add_argument("--output_dir", default=str(ROOT / "benchmarks" / "results"))
@@ -397,17 +475,20 @@ def main(argv=None) -> int:
 
     for key, grid_rows in grids.items():
         image_grid([im for r in grid_rows for im in r], columns=max(len(r) for r in grid_rows)).save(
-            out / f"quality_{key}.png")
+            out / f"quality_{key}.png"
+        )
     table = format_table(rows)
     claims = format_claims(rows, samples) if "subject" in args.tasks else ""
     full = (len(train_seeds), len(eval_seeds), factors) == (3, 6, LR_FACTORS)
     mode = "quick" if args.quick else ("full" if full else "reduced")
-    header = (f"Toy-world quality benchmark ({mode}): subject task {args.subject_steps} steps batch 4 on "
-              f"assets/subject, {len(train_seeds)} training seed(s) per row, each judged on "
-              f"{6 * len(eval_seeds)} subject + {12 * len(eval_seeds)} in-world images ({len(eval_seeds)} "
-              f"evaluation seeds, 20 DPM-Solver steps, guidance 4); [95 % interval: two-level bootstrap over "
-              f"training seeds and images].  {platform.processor() or platform.machine()}, "
-              f"{torch.get_num_threads()} threads, torch {torch.__version__}; total {elapsed / 60:.1f} min.")
+    header = (
+        f"Toy-world quality benchmark ({mode}): subject task {args.subject_steps} steps batch 4 on "
+        f"assets/subject, {len(train_seeds)} training seed(s) per row, each judged on "
+        f"{6 * len(eval_seeds)} subject + {12 * len(eval_seeds)} in-world images ({len(eval_seeds)} "
+        f"evaluation seeds, 20 DPM-Solver steps, guidance 4); [95 % interval: two-level bootstrap over "
+        f"training seeds and images].  {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}; total {elapsed / 60:.1f} min."
+    )
     print("\n" + header + "\n\n" + table + "\n\n" + claims)
     name = args.name or ("quality_quick" if args.quick else "quality")
     (out / f"{name}.md").write_text(header + "\n\n" + table + "\n\n" + claims + "\n", encoding="utf-8")
@@ -445,36 +526,45 @@ def format_claims(rows: list[dict], samples: dict) -> str:
         e, lo = best["ether_plus"], best["lora"]
         d_sub = difference(runs(e, "subject_fidelity"), runs(lo, "subject_fidelity"))
         d_pri = difference(runs(e, "prior_preservation"), runs(lo, "prior_preservation"))
-        lines.append(f"- ETHER+ ({e['params']:,} parameters, {e['params'] / lo['params']:.2f}x LoRA r=4's "
-                     f"{lo['params']:,}) "
-                     f"at its best lr {e['lr']:.0e} vs LoRA at {lo['lr']:.0e}: subject fidelity {d_sub[0]:+.3f} "
-                     f"[{d_sub[1]:+.3f}, {d_sub[2]:+.3f}], prior preservation {d_pri[0]:+.3f} "
-                     f"[{d_pri[1]:+.3f}, {d_pri[2]:+.3f}]")
+        lines.append(
+            f"- ETHER+ ({e['params']:,} parameters, {e['params'] / lo['params']:.2f}x LoRA r=4's "
+            f"{lo['params']:,}) "
+            f"at its best lr {e['lr']:.0e} vs LoRA at {lo['lr']:.0e}: subject fidelity {d_sub[0]:+.3f} "
+            f"[{d_sub[1]:+.3f}, {d_sub[2]:+.3f}], prior preservation {d_pri[0]:+.3f} "
+            f"[{d_pri[1]:+.3f}, {d_pri[2]:+.3f}]"
+        )
     for key in ORTHOGONAL + ("lora", "full"):
         mine = [r for r in rows if r.get("key") == key]
         if len(mine) < 2:
             continue
         hi, lo = max(mine, key=lambda r: r["subject_fidelity"]), min(mine, key=lambda r: r["subject_fidelity"])
         d = difference(runs(hi, "subject_fidelity"), runs(lo, "subject_fidelity"))
-        lines.append(f"- {hi['method']}: subject fidelity over lr {min(r['lr'] for r in mine):.0e}-"
-                     f"{max(r['lr'] for r in mine):.0e} spans {lo['subject_fidelity']:.3f}-"
-                     f"{hi['subject_fidelity']:.3f} "
-                     f"(best - worst {d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}], {d[0] / hi['subject_fidelity']:.0%} "
-                     f"of the best)")
+        lines.append(
+            f"- {hi['method']}: subject fidelity over lr {min(r['lr'] for r in mine):.0e}-"
+            f"{max(r['lr'] for r in mine):.0e} spans {lo['subject_fidelity']:.3f}-"
+            f"{hi['subject_fidelity']:.3f} "
+            f"(best - worst {d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}], {d[0] / hi['subject_fidelity']:.0%} "
+            f"of the best)"
+        )
     if "full" in best:
         f = best["full"]
         for key in ORTHOGONAL + ("lora",):
             if key in best:
                 d = difference(runs(best[key], "subject_fidelity"), runs(f, "subject_fidelity"))
-                lines.append(f"- {best[key]['method']} (best lr) - full finetuning (best lr): subject fidelity "
-                             f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]")
+                lines.append(
+                    f"- {best[key]['method']} (best lr) - full finetuning (best lr): subject fidelity "
+                    f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]"
+                )
     return "\n".join(lines)
 
 
-COLUMNS = [("params", "trainable params", "{:,}"), ("subject_fidelity", "subject fidelity [95 %]", "{:.3f}"),
-           ("prompt_fidelity", "prompt fidelity [95 %]", "{:.3f}"),
-           ("prior_preservation", "prior preservation [95 %]", "{:.3f}"),
-           ("seconds", "train s", "{:.0f}")]
+COLUMNS = [
+    ("params", "trainable params", "{:,}"),
+    ("subject_fidelity", "subject fidelity [95 %]", "{:.3f}"),
+    ("prompt_fidelity", "prompt fidelity [95 %]", "{:.3f}"),
+    ("prior_preservation", "prior preservation [95 %]", "{:.3f}"),
+    ("seconds", "train s", "{:.0f}"),
+]
 
 
 def format_row(row: dict) -> str:

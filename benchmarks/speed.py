@@ -508,8 +508,12 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--no-inference", action="store_true", help="skip the eval-mode forward timings")
-    parser.add_argument("--cases", nargs="+", default=None,
-                        help="only the configs whose name contains one of these strings (the frozen base is kept)")
+    parser.add_argument(
+        "--cases",
+        nargs="+",
+        default=None,
+        help="only the configs whose name contains one of these strings (the frozen base is kept)",
+    )
     parser.add_argument(
         "--projections",
         action="store_true",
@@ -581,8 +585,13 @@ def main() -> None:
             print_training_table(cases, results)
         if "flops" in parts:
             part_results["flops"] = flops = count_flops(unet, cases, inputs, args.device)
-            print_ratio_table("floating-point operations of a training step (FlopCounterMode)", "GFLOP",
-                              {name: f / 1e9 for name, f in flops.items()}, "{:.1f}", "{:.4f}")
+            print_ratio_table(
+                "floating-point operations of a training step (FlopCounterMode)",
+                "GFLOP",
+                {name: f / 1e9 for name, f in flops.items()},
+                "{:.1f}",
+                "{:.4f}",
+            )
         if "compile" in parts:
             compile_cases = [c for c in cases if c.kind != "peft"]
             part_results["compiled"] = compiled = time_cases(

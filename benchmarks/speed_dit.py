@@ -81,8 +81,15 @@ def build_transformer(double: int, single: int) -> nn.Module:
 
     torch.manual_seed(0)
     model = FluxTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=double, num_single_layers=single, attention_head_dim=128,
-        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+        patch_size=1,
+        in_channels=64,
+        num_layers=double,
+        num_single_layers=single,
+        attention_head_dim=128,
+        num_attention_heads=24,
+        joint_attention_dim=4096,
+        pooled_projection_dim=768,
+        guidance_embeds=True,
         axes_dims_rope=(16, 56, 56),
     )
     return model.train()
@@ -154,8 +161,7 @@ def visit(model: nn.Module, inputs: dict, case: Case, results: dict) -> tuple[fl
 
 def run(model, inputs, all_cases: list[Case], rounds: int) -> dict[str, dict]:
     """Per case: wall and CPU times, and their ratios to the mean of the two base steps around them."""
-    results = {c.name: {"times": [], "cpu_times": [], "ratios": [], "cpu_ratios": [], "params": 0}
-               for c in all_cases}
+    results = {c.name: {"times": [], "cpu_times": [], "ratios": [], "cpu_ratios": [], "params": 0} for c in all_cases}
     base = all_cases[0]
 
     def record(case: Case, t: tuple[float, float]) -> None:
@@ -173,8 +179,12 @@ def run(model, inputs, all_cases: list[Case], rounds: int) -> dict[str, dict]:
             res = results[case.name]
             res["ratios"].append(t[0] / (0.5 * (before[0] + after[0])))
             res["cpu_ratios"].append(t[1] / (0.5 * (before[1] + after[1])))
-            print(f"    {case.name}: {t[0]:.3f} s ({t[1]:.3f} s CPU), {res['ratios'][-1]:.3f} "
-                  f"({res['cpu_ratios'][-1]:.3f} CPU) of the base", file=sys.stderr, flush=True)
+            print(
+                f"    {case.name}: {t[0]:.3f} s ({t[1]:.3f} s CPU), {res['ratios'][-1]:.3f} "
+                f"({res['cpu_ratios'][-1]:.3f} CPU) of the base",
+                file=sys.stderr,
+                flush=True,
+            )
             before = after
         print(f"  round {r}/{rounds} done", file=sys.stderr, flush=True)
     for res in results.values():
@@ -186,8 +196,10 @@ def run(model, inputs, all_cases: list[Case], rounds: int) -> dict[str, dict]:
 
 
 def print_table(all_cases: list[Case], results: dict[str, dict]) -> None:
-    print("| config | trainable params | step median (s) | / frozen base (wall, bracketed) "
-          "| / frozen base (CPU time, bracketed) | / PEFT same config (CPU) |")
+    print(
+        "| config | trainable params | step median (s) | / frozen base (wall, bracketed) "
+        "| / frozen base (CPU time, bracketed) | / PEFT same config (CPU) |"
+    )
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for case in all_cases:
         r, ref = results[case.name], results.get(case.peft_ref or "")
@@ -195,16 +207,22 @@ def print_table(all_cases: list[Case], results: dict[str, dict]) -> None:
         if ref and r["cpu_ratios"] and ref["cpu_ratios"]:
             pairs = zip(r["cpu_ratios"], ref["cpu_ratios"], strict=True)
             to_peft = f"{statistics.median(a / b for a, b in pairs):.3f}"
-        print(f"| {case.name} | {r['params']:,} | {r['median']:.3f} | {r['ratio']:.3f} | {r['cpu_ratio']:.3f} "
-              f"| {to_peft} |", flush=True)
+        print(
+            f"| {case.name} | {r['params']:,} | {r['median']:.3f} | {r['ratio']:.3f} | {r['cpu_ratio']:.3f} "
+            f"| {to_peft} |",
+            flush=True,
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--double", type=int, default=1, help="joint (double-stream) blocks (FLUX.1: 19)")
     parser.add_argument("--single", type=int, default=1, help="single-stream blocks (FLUX.1: 38)")
-    parser.add_argument("--latent", default="16x32", help="latent height x width before 2x2 packing (16x32: 128 "
-                        "image tokens, a 128x256 px image)")
+    parser.add_argument(
+        "--latent",
+        default="16x32",
+        help="latent height x width before 2x2 packing (16x32: 128 image tokens, a 128x256 px image)",
+    )
     parser.add_argument("--text_tokens", type=int, default=32, help="T5 tokens")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
@@ -224,9 +242,11 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.parameters())
     inputs = make_inputs(h, w, args.text_tokens)
     all_cases = cases(with_peft)
-    print(f"FluxTransformer2DModel, hidden 3072 (24 x 128), {args.double} joint + {args.single} single blocks, "
-          f"{n_params / 1e6:.0f}M parameters, {h * w // 4} image + {args.text_tokens} text tokens, batch 1, fp32, "
-          f"{args.threads} thread(s), torch {torch.__version__}, {platform.processor() or platform.machine()}\n")
+    print(
+        f"FluxTransformer2DModel, hidden 3072 (24 x 128), {args.double} joint + {args.single} single blocks, "
+        f"{n_params / 1e6:.0f}M parameters, {h * w // 4} image + {args.text_tokens} text tokens, batch 1, fp32, "
+        f"{args.threads} thread(s), torch {torch.__version__}, {platform.processor() or platform.machine()}\n"
+    )
     results = run(model, inputs, all_cases, args.rounds)
     print_table(all_cases, results)
     if args.json:

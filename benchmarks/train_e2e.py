@@ -55,8 +55,11 @@ def timed_child(out: str, standin: str | None, target: list[str]) -> None:
         return original(self, n)
 
     std.tqdm.update = update
-    atexit.register(lambda: Path(out).write_text(
-        json.dumps({"start": t_start, "exit": time.perf_counter(), "bars": list(bars.values())})))
+    atexit.register(
+        lambda: Path(out).write_text(
+            json.dumps({"start": t_start, "exit": time.perf_counter(), "bars": list(bars.values())})
+        )
+    )
     if standin:  # transformers probes torchvision when it loads: load it first, then the stand-in
         import importlib.util
 
@@ -93,13 +96,30 @@ def make_sd15(folder: Path) -> Path:
         block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
     )  # fmt: skip
-    text = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                        num_attention_heads=12, max_position_embeddings=77, vocab_size=49408))
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            vocab_size=49408,
+        )
+    )
     tokenizer = CLIPTokenizer.from_pretrained(str(REPO / "assets/toy-sd/tokenizer"), model_max_length=77)
-    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              num_train_timesteps=1000)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    scheduler = DDPMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.save_pretrained(str(folder), safe_serialization=True)
     return folder
 
@@ -122,8 +142,23 @@ def commands(case: dict, model: Path, data: Path, out: Path, reference: Path | N
         "--checkpointing_steps", "100000",
     ]  # fmt: skip
     # neither renders sample images: diffusers' script does so only with --validation_prompt
-    cmds = {"ours": ["-m", "diffusion_oft", "train", "dreambooth", *common, "--block_size", "32",
-                     "--report_to", "none", "--num_validation_images", "0", "--output_dir", str(out / "ours")]}
+    cmds = {
+        "ours": [
+            "-m",
+            "diffusion_oft",
+            "train",
+            "dreambooth",
+            *common,
+            "--block_size",
+            "32",
+            "--report_to",
+            "none",
+            "--num_validation_images",
+            "0",
+            "--output_dir",
+            str(out / "ours"),
+        ]
+    }
     if reference is not None:
         cmds["diffusers"] = [str(reference), *common, "--rank", "4", "--output_dir", str(out / "diffusers")]
     return cmds
@@ -146,8 +181,13 @@ def run_once(name: str, cmd: list[str], standin: str | None, work: Path, threads
     loop = [b for b in rec["bars"] if b["total"] == steps and len(b["times"]) >= steps] or rec["bars"]
     t = max(loop, key=lambda b: len(b["times"]))["times"]  # the training loop's bar
     # before: imports, loading, set-up and the first step; after: saving, final samples, exit
-    return {"wall_s": wall, "step_s": (t[-1] - t[0]) / (len(t) - 1), "steps": len(t),
-            "before_s": t[0] - rec["start"], "after_s": rec["exit"] - t[-1]}
+    return {
+        "wall_s": wall,
+        "step_s": (t[-1] - t[0]) / (len(t) - 1),
+        "steps": len(t),
+        "before_s": t[0] - rec["start"],
+        "after_s": rec["exit"] - t[-1],
+    }
 
 
 CASES = {
@@ -158,8 +198,9 @@ CASES = {
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--reference", type=Path, default=None,
-                   help="diffusers' examples/dreambooth/train_dreambooth_lora.py")
+    p.add_argument(
+        "--reference", type=Path, default=None, help="diffusers' examples/dreambooth/train_dreambooth_lora.py"
+    )
     p.add_argument("--torchvision_standin", default=None, help="folder holding a stand-in torchvision package")
     p.add_argument("--cases", nargs="+", default=["toy"], choices=sorted(CASES))
     p.add_argument("--rounds", type=int, default=3)
@@ -189,15 +230,20 @@ def main(argv: list[str] | None = None) -> dict:
                 shutil.rmtree(out / name, ignore_errors=True)
                 fig = run_once(name, cmds[name], args.torchvision_standin, work, args.threads, case["steps"])
                 results[case_name].setdefault(name, []).append(fig)
-                print(f"{case_name} round {r + 1} {name}: whole {fig['wall_s']:.2f} s, "
-                      f"step {fig['step_s'] * 1e3:.1f} ms (up to the first step {fig['before_s']:.2f} s, "
-                      f"after the last {fig['after_s']:.2f} s)", flush=True)
+                print(
+                    f"{case_name} round {r + 1} {name}: whole {fig['wall_s']:.2f} s, "
+                    f"step {fig['step_s'] * 1e3:.1f} ms (up to the first step {fig['before_s']:.2f} s, "
+                    f"after the last {fig['after_s']:.2f} s)",
+                    flush=True,
+                )
     print()
     print("| case | script | whole process (s, median) | step (ms, median) | whole / diffusers | step / diffusers |")
     print("| --- | --- | --- | --- | --- | --- |")
     for case_name, sides in results.items():
-        med = {n: (statistics.median(f["wall_s"] for f in fs), statistics.median(f["step_s"] for f in fs))
-               for n, fs in sides.items()}
+        med = {
+            n: (statistics.median(f["wall_s"] for f in fs), statistics.median(f["step_s"] for f in fs))
+            for n, fs in sides.items()
+        }
         for name, (wall, step) in med.items():
             ratio = ("", "")
             if "diffusers" in med:

@@ -1,13 +1,13 @@
-"""diffusion-oft: orthogonal finetuning adapters (OFT, BOFT, ETHER, ETHER+) for diffusers models."""
+"""diffusion-oft: orthogonal finetuning adapters (OFT, BOFT, ETHER, ETHER+, HRA) for diffusers models."""
 
-__version__ = "0.1.0"
-
-from .attention import OrthoAttnProcessor  # noqa: E402
-from .config import AdapterConfig  # noqa: E402
-from .files import AdapterFileError, adapter_info, load_adapter, save_adapter  # noqa: E402
+from . import convert as convert  # registers the PEFT / kohya readers of load_adapter (files.register_reader)
+from ._version import __version__
+from .attention import OrthoAttnProcessor
+from .config import AdapterConfig
+from .files import AdapterFileError, adapter_info, load_adapter, save_adapter
 
 # These accept a whole pipeline as well as a model (diffusion_oft.inference dispatches to model.py).
-from .inference import (  # noqa: E402
+from .inference import (
     load_adapters,
     merge_adapter,
     remove_adapter,
@@ -16,8 +16,8 @@ from .inference import (  # noqa: E402
     unmerge_adapter,
     use_adapters,
 )
-from .layers import OrthoLinear  # noqa: E402
-from .model import (  # noqa: E402
+from .layers import OrthoLinear
+from .model import (
     adapter_parameters,
     add_adapter,
     apply_constraints,
@@ -26,6 +26,7 @@ from .model import (  # noqa: E402
 )
 
 __all__ = [
+    "__version__",
     "AdapterConfig",
     "AdapterFileError",
     "OrthoAttnProcessor",

@@ -10,17 +10,17 @@ import argparse
 import importlib
 import sys
 
+from .commands import CommandError
+
+__all__ = ["COMMAND_MODULES", "CommandError", "build_parser", "main"]
+
 COMMAND_MODULES = ("demo", "info", "generate", "train", "convert", "eval")
-
-
-class CommandError(Exception):
-    """A user error: printed as one line, exit code 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffusion-oft",
-        description="Orthogonal finetuning (OFT, BOFT, ETHER, ETHER+) adapters for diffusers models.",
+        description="Orthogonal finetuning (OFT, BOFT, ETHER, ETHER+, HRA) adapters for diffusers models.",
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:
-        from . import __version__
+        from ._version import __version__
 
         print(__version__)
         return 0

@@ -48,9 +48,13 @@ def canny_edges(image: Image.Image | np.ndarray, low: float = 100.0, high: float
     up_left, down_right = m[:-2, :-2], m[2:, 2:]
     up_right, down_left = m[:-2, 2:], m[2:, :-2]
     nms = np.where(
-        horizontal, (c > left) & (c >= right),
-        np.where(vertical, (c > up) & (c >= down),
-                 np.where(diag_same_sign, (c > up_left) & (c >= down_right), (c > up_right) & (c >= down_left))),
+        horizontal,
+        (c > left) & (c >= right),
+        np.where(
+            vertical,
+            (c > up) & (c >= down),
+            np.where(diag_same_sign, (c > up_left) & (c >= down_right), (c > up_right) & (c >= down_left)),
+        ),
     )
     candidate = nms & (mag > low)
     strong = candidate & (mag > high)

@@ -7,7 +7,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-METHODS = ("oft", "boft", "ether", "ether_plus")
+from .methods.base import exclusive_fields, field_owners, get_method_class, method_names
+
+# The registered methods (each method's facts live on its class in diffusion_oft.methods).
+METHODS = method_names()
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 # DiT (SD3 / SD3.5 MMDiT, FLUX.1) default targets: the joint attention's image projections and its text
 # ("context") projections.  In Flux's single blocks the same suffixes select their attention's to_q/k/v
@@ -44,22 +47,15 @@ def default_target_modules(model: Any) -> tuple[str, ...]:
     return DEFAULT_TARGETS_BY_MODEL.get(name, DEFAULT_TARGETS)
 
 
-# Per-method structure defaults (used when neither block_size nor num_blocks is given).
-DEFAULT_STRUCTURE: dict[str, dict[str, int]] = {
-    "oft": {"block_size": 32},
-    "boft": {"block_size": 8, "n_butterfly_factors": 2},
-    "ether": {"num_blocks": 4},
-    "ether_plus": {"num_blocks": 4},
-}
-
-
 @dataclass
 class AdapterConfig:
     """Configuration of one orthogonal adapter.
 
     Structure: give ``block_size`` (b, the same for every layer) or ``num_blocks`` (n, the
     block size is then dim / n per layer), not both; when neither is given the method's
-    default is used (oft: b=32; boft: b=8, m=2; ether/ether_plus: n=4).
+    default is used (its class's ``config_defaults``: oft b=32; boft b=8, m=2; ether/ether_plus n=4;
+    hra n=1, r=8).  Fields that only some methods read (``exclusive_fields``: n_butterfly_factors,
+    coft_eps, n_reflections) are refused by the others.
 
     Side: ``side="input"`` (the papers', PEFT's) rotates each weight's input, W' = W R^T;
     ``side="output"`` (kohya / LyCORIS) its output, W' = R W.  Only output-side OFT / BOFT export
@@ -83,6 +79,7 @@ class AdapterConfig:
     ether_plus_two_sided: bool = True  # ETHER+: H~ W H (both sides) or only on `side`
     init: str = "default"  # "default" (paper init) | "identity" | "random" (tests, benchmarks)
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes kept in the file
+    n_reflections: int | None = None  # HRA's r (Householder reflections per block); None: the method's default
 
     def __post_init__(self) -> None:
         for name in ("target_modules", "extra_target_modules"):
@@ -101,22 +98,27 @@ class AdapterConfig:
             raise ValueError(f"extra must be a dict, got {type(self.extra).__name__}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        method_cls = get_method_class(self.method)
         if self.block_size is not None and self.num_blocks is not None:
             raise ValueError("give block_size or num_blocks, not both")
+        defaults = method_cls.config_defaults
         if self.block_size is None and self.num_blocks is None:
-            defaults = DEFAULT_STRUCTURE[self.method]
             self.block_size = defaults.get("block_size")
             self.num_blocks = defaults.get("num_blocks")
-            if self.method == "boft" and self.n_butterfly_factors == 1:
+            if "n_butterfly_factors" in defaults and self.n_butterfly_factors == 1:
                 self.n_butterfly_factors = defaults["n_butterfly_factors"]
+        for name, value in defaults.items():  # the method's other fields, when left unset
+            if name not in ("block_size", "num_blocks", "n_butterfly_factors") and getattr(self, name) is None:
+                setattr(self, name, value)
         for name in ("block_size", "num_blocks"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.n_butterfly_factors < 1:
             raise ValueError(f"n_butterfly_factors must be >= 1, got {self.n_butterfly_factors}")
-        if self.method != "boft" and self.n_butterfly_factors != 1:
-            raise ValueError(f"n_butterfly_factors applies to boft only (method={self.method!r})")
+        for name in exclusive_fields():  # fields of other methods stay at their defaults
+            if name not in method_cls.exclusive_fields and getattr(self, name) != _FIELD_DEFAULTS[name]:
+                raise ValueError(f"{name} applies to {' and '.join(field_owners(name))} only (method={self.method!r})")
         if self.attention not in ("self", "cross", "all"):
             raise ValueError(f"attention must be 'self', 'cross' or 'all', got {self.attention!r}")
         if self.side not in ("input", "output"):
@@ -127,19 +129,25 @@ class AdapterConfig:
             raise ValueError(f"neumann_terms must be >= 1, got {self.neumann_terms}")
         if self.coft_eps is not None and self.coft_eps <= 0:
             raise ValueError(f"coft_eps must be > 0 (or None to disable COFT), got {self.coft_eps}")
-        if self.coft_eps is not None and self.method not in ("oft", "boft"):
-            raise ValueError("coft_eps applies to the Cayley methods (oft, boft) only")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.init not in ("default", "identity", "random"):
             raise ValueError(f"init must be 'default', 'identity' or 'random', got {self.init!r}")
         if not self.target_modules and not self.extra_target_modules:
             raise ValueError("no target modules given")
+        method_cls.validate_config(self)
+
+    # Fields added after format version 1: written only when set, so files of the methods that do not
+    # use them stay exactly what diffusion-oft 0.1.0 reads.
+    _OPTIONAL_FIELDS = ("n_reflections",)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["target_modules"] = list(self.target_modules)
         data["extra_target_modules"] = list(self.extra_target_modules)
+        for name in self._OPTIONAL_FIELDS:
+            if data[name] is None:
+                del data[name]
         return data
 
     def to_json(self) -> str:
@@ -156,3 +164,6 @@ class AdapterConfig:
     @classmethod
     def from_json(cls, text: str) -> AdapterConfig:
         return cls.from_dict(json.loads(text))
+
+
+_FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(AdapterConfig)}

@@ -66,8 +66,7 @@ def encoder_design_kwargs(design: str, downscale_factor: int) -> dict[str, Any]:
     if design == "hint":
         return {}
     if design == "slim":
-        return {"block_out_channels": slim_channels(downscale_factor), "head_kernel_size": 1,
-                "separable_downs": True}
+        return {"block_out_channels": slim_channels(downscale_factor), "head_kernel_size": 1, "separable_downs": True}
     raise ValueError(f"unknown control encoder {design!r}; choose one of {', '.join(ENCODER_DESIGNS)}")
 
 
@@ -147,8 +146,11 @@ def injection_points(unet: nn.Module) -> list[nn.Module]:
 
 def downsampler_channels(unet: nn.Module) -> tuple[int, ...]:
     """Output width of each down block's downsampler (SD 1.5: 320, 640, 1280; the toy model: 32, 64)."""
-    return tuple(int(c) for b, c in zip(unet.down_blocks, unet.config.block_out_channels, strict=True)
-                 if getattr(b, "downsamplers", None))
+    return tuple(
+        int(c)
+        for b, c in zip(unet.down_blocks, unet.config.block_out_channels, strict=True)
+        if getattr(b, "downsamplers", None)
+    )
 
 
 def condition_encoder_for(
@@ -161,8 +163,9 @@ def condition_encoder_for(
         raise ValueError(f"unknown control injection {injection!r}; choose one of {', '.join(INJECTIONS)}")
     down = downsampler_channels(unet) if injection == "multiscale" else ()
     config = {**encoder_design_kwargs(design, vae_scale_factor), **kwargs}
-    return ConditionEncoder(out_channels=unet.config.block_out_channels[0], downscale_factor=vae_scale_factor,
-                            down_channels=down, **config)
+    return ConditionEncoder(
+        out_channels=unet.config.block_out_channels[0], downscale_factor=vae_scale_factor, down_channels=down, **config
+    )
 
 
 INJECTIONS = ("multiscale", "conv_in")
@@ -200,8 +203,9 @@ def attach_control(unet: nn.Module) -> ControlState:
         return hook
 
     names = ["conv_in"] + [f"downsampler {i}" for i in range(1, len(points))]
-    state.handles = [m.register_forward_hook(make_hook(i, n)) for i, (m, n) in enumerate(zip(points, names,
-                                                                                             strict=True))]
+    state.handles = [
+        m.register_forward_hook(make_hook(i, n)) for i, (m, n) in enumerate(zip(points, names, strict=True))
+    ]
     object.__setattr__(unet, "_ortho_control", state)
     return state
 
@@ -258,7 +262,9 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def save_condition_encoder(
-    encoder: ConditionEncoder, path: str | os.PathLike, paired_adapter: str | os.PathLike | None = None,
+    encoder: ConditionEncoder,
+    path: str | os.PathLike,
+    paired_adapter: str | os.PathLike | None = None,
     extra_metadata: dict[str, str] | None = None,
 ) -> Path:
     """Write the encoder (float32 tensors, config in the metadata, the paired adapter's SHA-256)."""
@@ -303,13 +309,17 @@ def load_condition_encoder(path: str | os.PathLike) -> tuple[ConditionEncoder, d
     encoder = ConditionEncoder(**config)
     missing, unexpected = encoder.load_state_dict(tensors, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{path.name}: tensors do not match the encoder config (missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]})")
+        raise ValueError(
+            f"{path.name}: tensors do not match the encoder config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     return encoder.eval(), metadata
 
 
 def save_control(
-    components: Any, encoder: ConditionEncoder, directory: str | os.PathLike, adapter_name: str = "default",
+    components: Any,
+    encoder: ConditionEncoder,
+    directory: str | os.PathLike,
+    adapter_name: str = "default",
     extra_metadata: dict[str, str] | None = None,
 ) -> tuple[Path, Path]:
     """adapter.safetensors + condition_encoder.safetensors in ``directory`` (a model or pipeline-like object)."""
@@ -320,8 +330,9 @@ def save_control(
     adapter = save_adapter(
         components, directory / "adapter.safetensors", adapter_name=adapter_name, extra_metadata=meta
     )
-    enc = save_condition_encoder(encoder, directory / ENCODER_FILE, paired_adapter=adapter,
-                                 extra_metadata=extra_metadata)
+    enc = save_condition_encoder(
+        encoder, directory / ENCODER_FILE, paired_adapter=adapter, extra_metadata=extra_metadata
+    )
     return adapter, enc
 
 
@@ -392,7 +403,11 @@ def load_control(
     adapter, _ = control_files(path)
     unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
     encoder = load_paired_encoder(adapter, unet=unet, check_pairing=check_pairing)
-    load_adapter(pipe_or_unet if hasattr(pipe_or_unet, "unet") else unet, adapter, adapter_name=adapter_name,
-                 **({} if hasattr(pipe_or_unet, "unet") else {"component": "unet"}))
+    load_adapter(
+        pipe_or_unet if hasattr(pipe_or_unet, "unet") else unet,
+        adapter,
+        adapter_name=adapter_name,
+        **({} if hasattr(pipe_or_unet, "unet") else {"component": "unet"}),
+    )
     attach_control(unet)
     return encoder.to(unet.device)  # float32: a few MB; the pipeline casts its output

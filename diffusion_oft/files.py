@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from . import __version__
+from ._version import __version__
 from .config import AdapterConfig
 from .methods import get_method_class
 from .model import adapter_configs, add_adapter, find_targets, named_ortho_layers, validate_targets
@@ -59,16 +60,24 @@ def unwrap_compiled(module: Any) -> Any:
     return getattr(module, "_orig_mod", module) if isinstance(module, nn.Module) else module
 
 
-def _adapted_components(target: Any, component: str | None) -> dict[str, nn.Module]:
+def pipeline_components(target: Any, component: str | None = None, adapted: bool = True) -> dict[str, nn.Module]:
+    """The one way to find a pipeline's models: {component name: model}, compiled wrappers unwrapped, a
+    MultiControlNetModel's nets as ``<name>.nets.<i>`` (when the wrapper itself carries no adapter).  For a
+    single model: {``component`` or its default name: model}.  ``adapted``: only the models with adapters."""
+    found: dict[str, nn.Module] = {}
     if is_pipeline(target):
-        found = {}
         for name, module in target.components.items():
             module = unwrap_compiled(module)
-            if isinstance(module, nn.Module) and adapter_configs(module):
+            nets = getattr(module, "nets", None)
+            if isinstance(nets, nn.ModuleList) and not adapter_configs(module):
+                found.update({f"{name}.nets.{i}": unwrap_compiled(net) for i, net in enumerate(nets)})
+            elif isinstance(module, nn.Module):
                 found[name] = module
-        return found
-    target = unwrap_compiled(target)
-    return {component or default_component_name(target): target}
+    else:
+        model = unwrap_compiled(target)
+        if isinstance(model, nn.Module):
+            found[component or default_component_name(model)] = model
+    return {n: m for n, m in found.items() if adapter_configs(m)} if adapted else found
 
 
 def plain_write_mode(path: str | os.PathLike) -> int:
@@ -125,7 +134,7 @@ def save_adapter(
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"adapter files are .safetensors; got {path.name!r}")
-    components = _adapted_components(model_or_pipeline, component)
+    components = pipeline_components(model_or_pipeline, component)
     tensors: dict[str, torch.Tensor] = {}
     configs, base = {}, {}
     for comp, module in components.items():
@@ -142,15 +151,31 @@ def save_adapter(
         }
     if not tensors:
         raise ValueError(f"nothing to save: no adapter named {adapter_name!r} in {type(model_or_pipeline).__name__}")
+    return write_adapter_file(tensors, configs, base, path, extra_metadata)
+
+
+def write_adapter_file(
+    tensors: dict[str, torch.Tensor],
+    configs: dict[str, dict[str, Any]] | dict[str, AdapterConfig],
+    base_model: dict[str, dict],
+    path: str | os.PathLike,
+    extra_metadata: dict[str, str] | None = None,
+) -> Path:
+    """The one writer of the adapter format: float32 tensors keyed ``<component>.<path>.<param>``,
+    {component: config} and {component: base-model hints} in the metadata (atomically)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"adapter files are .safetensors; got {path.name!r}")
+    as_dicts = {c: cfg.to_dict() if isinstance(cfg, AdapterConfig) else cfg for c, cfg in configs.items()}
     metadata = {
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
         "library_version": __version__,
-        "adapter_config": json.dumps(configs, sort_keys=True),
-        "base_model": json.dumps(base, sort_keys=True),
+        "adapter_config": json.dumps(as_dicts, sort_keys=True),
+        "base_model": json.dumps(base_model, sort_keys=True),
         **(extra_metadata or {}),
     }
-    atomic_save_file(tensors, path, metadata)
+    atomic_save_file({k: v.float().contiguous() for k, v in tensors.items()}, path, metadata)
     return path
 
 
@@ -169,8 +194,7 @@ def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
             metadata = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as err:  # safetensors raises several error types for broken files
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise AdapterFileError(f"{path.name}: not a readable safetensors file ({reason})") from None
+        raise AdapterFileError(f"{path.name}: not a readable safetensors file ({one_line(err, first=True)})") from None
     return tensors, metadata
 
 
@@ -200,9 +224,13 @@ def parse_metadata(metadata: dict[str, str], name: str) -> dict[str, AdapterConf
         raise AdapterFileError(f"{name}: bad adapter_config in metadata ({one_line(err)})") from None
 
 
-def one_line(err: BaseException | str, limit: int = 300) -> str:
-    """An exception's message on one line, shortened: for error messages about untrusted files."""
-    text = " ".join(str(err).split()) or type(err).__name__
+def one_line(err: BaseException | str, limit: int = 300, first: bool = False) -> str:
+    """An exception's message on one line, shortened (the one trim of error messages for users);
+    ``first``: only its first non-empty line (tracebacks, library messages with a long tail)."""
+    text = str(err)
+    if first:
+        text = next((line for line in text.splitlines() if line.strip()), "")
+    text = " ".join(text.split()) or type(err).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -210,7 +238,7 @@ def _resolve_component(
     target: Any, comp: str, n_components: int, component: str | None, name: str, first_key: str | None = None
 ) -> nn.Module:
     if is_pipeline(target):
-        module = unwrap_compiled(getattr(target, comp, None))
+        module = pipeline_components(target, adapted=False).get(comp)
         if not isinstance(module, nn.Module):
             has = [c for c in COMPONENT_NAMES if isinstance(getattr(target, c, None), nn.Module)]
             tensor = f"tensor {first_key!r} is" if first_key else "adapter is"
@@ -238,25 +266,42 @@ def load_adapter(
     name = Path(path).name
     try:
         tensors, configs = _read_for_loading(pipeline_or_model, path, component)
-        return _load_tensors(pipeline_or_model, tensors, configs, name, adapter_name, component)
+        return load_tensors(pipeline_or_model, tensors, configs, name, adapter_name, component)
     except AdapterFileError as err:
         raise AdapterFileError(one_line(err, 500)) from None
 
 
+# Readers of other formats (PEFT folders / files, kohya / LyCORIS files), asked in order by
+# ``load_adapter`` for anything that is not our own file: ``reader(path, target, component)`` returns
+# (tensors, configs) in our layout or raises AdapterFileError.  ``diffusion_oft.convert`` registers its
+# reader when imported (the package's ``__init__`` imports it), so this floor never imports a higher one.
+ForeignReader = Callable[[Path, Any, "str | None"], "tuple[dict[str, torch.Tensor], dict[str, AdapterConfig]]"]
+FOREIGN_READERS: list[ForeignReader] = []
+
+
+def register_reader(reader: ForeignReader) -> ForeignReader:
+    """Add a reader of a foreign adapter format for ``load_adapter`` (usable as a decorator)."""
+    if reader not in FOREIGN_READERS:
+        FOREIGN_READERS.append(reader)
+    return reader
+
+
 def _read_for_loading(target: Any, path: str | os.PathLike, component: str | None):
-    """(tensors, configs) of our own files; PEFT folders / files and kohya / LyCORIS files are
-    converted on the fly by ``diffusion_oft.convert`` (against ``target``, still unchanged)."""
-    if not Path(path).is_dir():
+    """(tensors, configs) of our own files; other formats go to the registered readers
+    (``FOREIGN_READERS``: ``diffusion_oft.convert``), which convert against ``target``, still unchanged."""
+    path = Path(path)
+    metadata: dict[str, str] = {}
+    if not path.is_dir():
         tensors, metadata = read_adapter_file(path)
         if metadata.get("format") == FORMAT_NAME:
-            return tensors, parse_metadata(metadata, Path(path).name)
-    from .convert import read_adapter  # lazy: convert builds on this module
+            return tensors, parse_metadata(metadata, path.name)
+    for reader in FOREIGN_READERS:
+        return reader(path, target, component)
+    parse_metadata(metadata, path.name)  # no reader registered: the plain "not a diffusion-oft adapter" error
+    raise AdapterFileError(f"{path.name}: not a diffusion-oft adapter")
 
-    native = read_adapter(path, target, component)
-    return native.tensors, native.configs
 
-
-def _load_tensors(
+def load_tensors(
     pipeline_or_model: Any,
     tensors: dict[str, torch.Tensor],
     configs: dict[str, AdapterConfig],

@@ -37,8 +37,9 @@ from typing import Any
 from torch import nn
 
 from . import model as _model
-from .files import default_component_name, is_pipeline, load_adapter, unwrap_compiled
+from .files import is_pipeline, load_adapter, pipeline_components
 from .layers import OrthoLinear
+from .methods import METHOD_REGISTRY, get_method_class
 from .model import adapter_configs, ortho_layers
 
 __all__ = [
@@ -57,25 +58,9 @@ __all__ = [
 
 
 def adapted_components(pipeline_or_model: Any) -> dict[str, nn.Module]:
-    """{component name: model} of the parts that carry orthogonal adapters."""
-    if is_pipeline(pipeline_or_model):
-        components = {}
-        for name, module in pipeline_or_model.components.items():
-            module = unwrap_compiled(module)
-            nets = getattr(module, "nets", None)  # MultiControlNetModel: the adapters are on its nets
-            if isinstance(nets, nn.ModuleList) and not adapter_configs(module):
-                components.update({f"{name}.nets.{i}": unwrap_compiled(net) for i, net in enumerate(nets)})
-            else:
-                components[name] = module
-        return {
-            name: module
-            for name, module in components.items()
-            if isinstance(module, nn.Module) and adapter_configs(module)
-        }
-    model = unwrap_compiled(pipeline_or_model)
-    if isinstance(model, nn.Module) and adapter_configs(model):
-        return {default_component_name(model): model}
-    return {}
+    """{component name: model} of the parts that carry orthogonal adapters (``files.pipeline_components``:
+    a MultiControlNetModel's nets are ``controlnet.nets.<i>``)."""
+    return pipeline_components(pipeline_or_model)
 
 
 def _require(pipeline_or_model: Any) -> dict[str, nn.Module]:
@@ -116,17 +101,6 @@ def _refuse_if_merged(components: dict[str, nn.Module], action: str) -> None:
         raise RuntimeError(f"adapters are merged into the weights; call unmerge_adapter(...) before {action}")
 
 
-def _normalize_weights(names: list[str], weights: Sequence[float] | float | None) -> list[float] | None:
-    if weights is None:
-        return None
-    if isinstance(weights, (int, float)):
-        return [float(weights)] * len(names)
-    weights = [float(w) for w in weights]
-    if len(weights) != len(names):
-        raise ValueError(f"{len(names)} adapters but {len(weights)} weights")
-    return weights
-
-
 def set_adapters(
     pipeline_or_model: Any, names: Sequence[str] | str, weights: Sequence[float] | float | None = None
 ) -> None:
@@ -138,8 +112,6 @@ def set_adapters(
     means per method.
     """
     names = [names] if isinstance(names, str) else list(names)
-    if weights is None:
-        weights = [1.0] * len(names)
     if not is_pipeline(pipeline_or_model):
         _model.set_adapters(pipeline_or_model, names, weights)
         return
@@ -150,13 +122,11 @@ def set_adapters(
         raise ValueError(f"unknown adapters {unknown}; this pipeline has {known}")
     if len(set(names)) != len(names):
         raise ValueError(f"adapter names repeated in {names}")
-    scales = _normalize_weights(names, weights)
+    scales = _model.adapter_weights(names, weights)
     _refuse_if_merged(components, "changing the active adapters")
     for module in components.values():
         present = [i for i, n in enumerate(names) if n in adapter_configs(module)]
-        _model.set_adapters(
-            module, [names[i] for i in present], None if scales is None else [scales[i] for i in present]
-        )
+        _model.set_adapters(module, [names[i] for i in present], [scales[i] for i in present])
 
 
 def set_adapter_enabled(pipeline_or_model: Any, enabled: bool) -> None:
@@ -220,7 +190,7 @@ def load_adapters(
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     if names is not None and len(names) != len(paths):
         raise ValueError(f"{len(paths)} adapter files but {len(names)} names")
-    _normalize_weights([str(p) for p in paths], weights)  # checks the count before loading
+    _model.adapter_weights([str(p) for p in paths], weights)  # checks the count before loading
     existing = adapter_names(pipeline_or_model)
     components = adapted_components(pipeline_or_model)
     _refuse_if_merged(components, "loading another adapter")
@@ -339,14 +309,13 @@ _TEXT_WIDTHS = {
 
 
 def _input_width(key: str, shape: tuple[int, ...]) -> int | None:
-    """A projection's input width from one of its input-side adapter tensors (None if unknown)."""
-    param = key.rsplit(".", 1)[-1]
-    if param == "skew" and len(shape) >= 2:  # OFT (n, b(b-1)/2) or BOFT (m, n, b(b-1)/2)
-        t = shape[-1]
-        b = round((1 + (1 + 8 * t) ** 0.5) / 2)
-        return shape[-2] * b if b * (b - 1) // 2 == t else None
-    if param in ("u_in", "v_in") and len(shape) == 2:  # ETHER / ETHER+ (n, b)
-        return shape[0] * shape[1]
+    """A projection's input width from one of its adapter tensors, whatever the method (None if unknown):
+    the first method class that reads it (``OrthoMethod.input_width``)."""
+    name = key.rsplit(".", 1)[-1]
+    for cls in METHOD_REGISTRY.values():
+        width = cls.input_width(None, name, shape)
+        if width:
+            return width
     return None
 
 
@@ -364,14 +333,14 @@ def base_model_hints(path: str | os.PathLike) -> dict[str, str]:
     for comp, config in configs.items():
         parts = []
         width = None
-        input_side = config.side == "input" or (config.method == "ether_plus" and config.ether_plus_two_sided)
-        if input_side:
+        method_cls = get_method_class(config.method)
+        if method_cls.transforms_input(config):
             probe = {"unet": ".attn2.to_k.", "controlnet": ".attn2.to_k.", "transformer": ".attn.to_q."}.get(
                 comp, ".self_attn.q_proj."
             )
             for key, tensor in tensors.items():
                 if key.startswith(comp + ".") and probe in key:
-                    width = _input_width(key, tuple(tensor.shape))
+                    width = method_cls.input_width(config, key.rsplit(".", 1)[-1], tuple(tensor.shape))
                     if width:
                         break
         if comp in ("unet", "controlnet") and width:

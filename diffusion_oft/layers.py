@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .methods.base import OrthoMethod
-from .methods.transforms import BlockTransform, LowRankBlockTransform, fused_low_rank_linear, low_rank_on_weight
+from .methods.transforms import BlockTransform
 
 
 def _apply_to_weight(
@@ -122,7 +122,7 @@ class OrthoLinear(nn.Module):
         # Built in float32 even under fp16/bf16 autocast; in training, together with the adapter's
         # other layers when it can (one batched build per step, see ``diffusion_oft.batching``).
         device_type = method_device(method).type
-        batch = getattr(method, "transform_batch", None)
+        batch = method.transform_batch
         autocast = torch.is_autocast_enabled(device_type)
         with torch.autocast(device_type=device_type, enabled=False) if autocast else contextlib.nullcontext():
             transforms = batch and batch.transforms_of(method, self._scale(name), dropout)
@@ -143,12 +143,12 @@ class OrthoLinear(nn.Module):
     def _forward_on_activations(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
         built = [self._transforms(n, dropout=self.training) for n in names]
         weight, bias = self.base_layer.weight, self.base_layer.bias
-        if len(built) == 1 and built[0][1] is None:
+        if len(built) == 1 and built[0][1] is None:  # one adapter, no magnitude: its transform may fuse both sides
             transforms = built[0][0]
-            fusable = all(isinstance(t, LowRankBlockTransform) and t.fusable for t in transforms.values())
-            if fusable and low_rank_on_weight(x, weight):
-                # ETHER / ETHER+: both sides folded around the frozen linear as thin matmuls.
-                return fused_low_rank_linear(x, weight, bias, transforms.get("input"), transforms.get("output"))
+            first = next(iter(transforms.values()))
+            y = first.fused_linear(x, weight, bias, transforms.get("input"), transforms.get("output"))
+            if y is not None:
+                return y
         # Input sides: x R_in,K ... R_in,1 W^T (the last adapter acts first on the input); the one next
         # to W goes through linear_after, which low-rank transforms fuse with the frozen linear.
         inputs = [t["input"] for t, _ in reversed(built) if "input" in t]

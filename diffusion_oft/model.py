@@ -86,12 +86,10 @@ def add_adapter(model: nn.Module, config: AdapterConfig, adapter_name: str = "de
     method_cls = get_method_class(config.method)
     model.requires_grad_(False)
     for target in targets:
-        parent_path, _, child = target.path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        layer = parent.get_submodule(child)
+        layer = model.get_submodule(target.path)
         if not isinstance(layer, OrthoLinear):
             layer = OrthoLinear(layer)
-            setattr(parent, child, layer)
+            replace_submodule(model, target.path, layer)
         method = method_cls(target.in_features, target.out_features, config)
         layer.add_adapter(adapter_name, method)
         layer.train(layer.base_layer.training)  # new modules start in train mode; follow the model (eval: cache)
@@ -104,6 +102,15 @@ def add_adapter(model: nn.Module, config: AdapterConfig, adapter_name: str = "de
     configs[adapter_name] = config
     setattr(model, CONFIGS_ATTR, configs)
     return model
+
+
+def replace_submodule(model: nn.Module, path: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` at ``path`` (a dotted module path of ``model``) and return what was there."""
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    old = parent.get_submodule(child)
+    setattr(parent, child, new)
+    return old
 
 
 def ortho_layers(model: nn.Module) -> list[OrthoLinear]:
@@ -148,22 +155,29 @@ def set_adapter_enabled(model: nn.Module, enabled: bool) -> None:
         layer.clear_cache()
 
 
+def adapter_weights(names: list[str], weights: list[float] | float | None) -> list[float]:
+    """One scale per adapter: ``weights`` as a list, one number for all, or None for 1.0 each."""
+    if weights is None:
+        return [1.0] * len(names)
+    if isinstance(weights, (int, float)):
+        return [float(weights)] * len(names)
+    weights = [float(w) for w in weights]
+    if len(weights) != len(names):
+        raise ValueError(f"{len(names)} adapters but {len(weights)} weights")
+    return weights
+
+
 def set_adapters(model: nn.Module, names: list[str] | str, weights: list[float] | float | None = None) -> None:
-    """Choose the active adapters (applied in the given order) and optionally a scale for each."""
+    """Choose the active adapters (applied in the given order) and a scale for each: default 1.0 for
+    every named adapter, as diffusers' ``set_adapters`` (earlier scales are not kept)."""
     names = [names] if isinstance(names, str) else list(names)
     unknown = [n for n in names if n not in adapter_configs(model)]
     if unknown:
         raise ValueError(f"unknown adapters {unknown}; this model has {list(adapter_configs(model))}")
-    if weights is None:
-        scales = None
-    else:
-        weights = [weights] * len(names) if isinstance(weights, (int, float)) else list(weights)
-        if len(weights) != len(names):
-            raise ValueError(f"{len(names)} adapters but {len(weights)} weights")
-        scales = dict(zip(names, (float(w) for w in weights), strict=True))
+    scales = dict(zip(names, adapter_weights(names, weights), strict=True))
     for layer in _require_adapters(model):
         present = [n for n in names if n in layer.ortho_adapters]
-        layer.set_active_adapters(present, scales and {n: scales[n] for n in present})
+        layer.set_active_adapters(present, {n: scales[n] for n in present})
 
 
 def remove_adapter(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
@@ -179,9 +193,7 @@ def remove_adapter(model: nn.Module, adapter_name: str | None = None) -> nn.Modu
             if name in layer.ortho_adapters:
                 layer.delete_adapter(name)
         if len(layer.ortho_adapters) == 0:
-            parent_path, _, child = path.rpartition(".")
-            parent = model.get_submodule(parent_path) if parent_path else model
-            setattr(parent, child, layer.base_layer)
+            replace_submodule(model, path, layer.base_layer)
     configs = {k: v for k, v in adapter_configs(model).items() if k not in names}
     setattr(model, CONFIGS_ATTR, configs)
     uninstall_processors(model)

@@ -71,4 +71,5 @@ METHOD_CONFIGS = {
     "boft": dict(method="boft", block_size=4, n_butterfly_factors=2),
     "ether": dict(method="ether", num_blocks=2),
     "ether_plus": dict(method="ether_plus", num_blocks=2),
+    "hra": dict(method="hra", n_reflections=4),
 }

@@ -14,6 +14,8 @@ from torch import nn
 
 import diffusion_oft as do
 
+pytestmark = pytest.mark.slow  # torch.compile
+
 CONFIGS = {
     "oft exact": dict(method="oft", block_size=16),
     "oft neumann": dict(method="oft", block_size=16, cayley_mode="neumann"),

@@ -35,8 +35,14 @@ def shape_image(i: int, size: int = 32) -> tuple[Image.Image, str]:
     rng = np.random.default_rng(i)
     img = Image.new("RGB", (size, size), (30, 30, 60))
     draw = ImageDraw.Draw(img)
-    x, y, r = (int(v) for v in (rng.integers(size // 4, 3 * size // 4), rng.integers(size // 4, 3 * size // 4),
-                                rng.integers(size // 8, size // 4)))
+    x, y, r = (
+        int(v)
+        for v in (
+            rng.integers(size // 4, 3 * size // 4),
+            rng.integers(size // 4, 3 * size // 4),
+            rng.integers(size // 8, size // 4),
+        )
+    )
     shape = ("circle", "square")[i % 2]
     (draw.ellipse if shape == "circle" else draw.rectangle)([x - r, y - r, x + r, y + r], fill=(230, 200, 40))
     return img, f"a yellow {shape}"
@@ -61,7 +67,11 @@ def test_encoder_shapes_and_zero_init_changes_nothing():
     assert [c.out_channels for c in enc.blocks] == [16, 32, 32, 96, 96, 256]  # ControlNet's hint encoder
     sd = ConditionEncoder(out_channels=320, downscale_factor=8, down_channels=(320, 640, 1280))
     assert [tuple(f.shape) for f in sd(torch.rand(1, 3, 64, 64))] == [
-        (1, 320, 8, 8), (1, 320, 4, 4), (1, 640, 2, 2), (1, 1280, 1, 1)]  # SD 1.5: conv_in + 3 downsamplers
+        (1, 320, 8, 8),
+        (1, 320, 4, 4),
+        (1, 640, 2, 2),
+        (1, 1280, 1, 1),
+    ]  # SD 1.5: conv_in + 3 downsamplers
     unet = tiny_unet().eval()
     small = condition_encoder_for(unet, vae_scale_factor=2)
     assert small.config.down_channels == (32,)  # the tiny UNet has one downsampler
@@ -90,8 +100,11 @@ def test_injection_only_through_the_encoder():
         for p in enc.parameters():
             p.normal_(0, 0.1)
     g = torch.Generator().manual_seed(1)
-    sample, text, cond = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 5, 32, generator=g), torch.rand(
-        1, 3, 16, 16, generator=g)
+    sample, text, cond = (
+        torch.randn(1, 4, 8, 8, generator=g),
+        torch.randn(1, 5, 32, generator=g),
+        torch.rand(1, 3, 16, 16, generator=g),
+    )
     with torch.no_grad():
         feats = enc(cond)
         state = attach_control(unet)
@@ -107,8 +120,9 @@ def test_injection_only_through_the_encoder():
         h1.remove()
         h2.remove()
         assert torch.equal(out_scaled, by_hand)
-        assert torch.equal(unet(sample, 10, text).sample, ControlledUNet(unet, enc)(
-            sample, 10, text, cond, control_scale=0.0).sample)  # scale 0: the base model bit for bit
+        assert torch.equal(
+            unet(sample, 10, text).sample, ControlledUNet(unet, enc)(sample, 10, text, cond, control_scale=0.0).sample
+        )  # scale 0: the base model bit for bit
 
 
 def test_hook_repeats_features_for_guidance_batches():
@@ -198,8 +212,11 @@ def test_encoder_round_trip_and_old_format_refused(tmp_path):
     meta["format_version"] = "1"
     meta["config"] = json.dumps({k: v for k, v in json.loads(meta["config"]).items() if k != "down_channels"})
     save_file(tensors, str(tmp_path / "old.safetensors"), meta)
-    with pytest.raises(ValueError, match=r"format 1, this diffusion-oft reads format 2 .*retrain with `diffusion-oft "
-                       r"train control`"):
+    with pytest.raises(
+        ValueError,
+        match=r"format 1, this diffusion-oft reads format 2 .*retrain with `diffusion-oft "
+        r"train control`",
+    ):
         load_condition_encoder(tmp_path / "old.safetensors")
 
 
@@ -219,8 +236,11 @@ def test_slim_encoder_widths_round_trip_and_zero_init(tmp_path):
     n_slim, n_hint = (sum(p.numel() for p in e.parameters()) for e in (slim, hint))
     assert n_slim < n_hint / 4
     g = torch.Generator().manual_seed(2)
-    sample, text, cond = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 5, 32, generator=g), torch.rand(
-        1, 3, 16, 16, generator=g)
+    sample, text, cond = (
+        torch.randn(1, 4, 8, 8, generator=g),
+        torch.randn(1, 5, 32, generator=g),
+        torch.rand(1, 3, 16, 16, generator=g),
+    )
     with torch.no_grad():
         assert torch.equal(unet(sample, 10, text).sample, ControlledUNet(unet, slim)(sample, 10, text, cond).sample)
         for p in slim.parameters():
@@ -231,7 +251,10 @@ def test_slim_encoder_widths_round_trip_and_zero_init(tmp_path):
     loaded, meta = load_condition_encoder(path)
     assert meta["format_version"] == "2"
     assert {k: loaded.config[k] for k in ("block_out_channels", "head_kernel_size", "separable_downs")} == {
-        "block_out_channels": (8, 16), "head_kernel_size": 1, "separable_downs": True}
+        "block_out_channels": (8, 16),
+        "head_kernel_size": 1,
+        "separable_downs": True,
+    }
     with torch.no_grad():
         assert all(torch.equal(a, b) for a, b in zip(slim(cond), loaded(cond), strict=True))
     # a format-2 file written before head_kernel_size / separable_downs existed: the hint design
@@ -258,24 +281,56 @@ def control_run(tmp_path_factory):
     model = save_tiny_sd(root / "tiny-sd")
     data = make_control_folder(root / "data")
     flags = [
-        "--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--resolution", str(RES),
-        "--max_train_steps", "20", "--learning_rate", "1e-2", "--encoder_learning_rate", "1e-2",
-        "--checkpointing_steps", "10", "--validation_prompt", "a yellow circle",
-        "--validation_image", str(data / "cond_0.png"), "--validation_steps", "10", "--num_inference_steps", "2",
-        "--num_validation_images", "1", "--report_to", "none", "--proportion_empty_prompts", "0.2", "--seed", "3",
+        "--pretrained_model_name_or_path",
+        str(model),
+        "--train_data_dir",
+        str(data),
+        "--resolution",
+        str(RES),
+        "--max_train_steps",
+        "20",
+        "--learning_rate",
+        "1e-2",
+        "--encoder_learning_rate",
+        "1e-2",
+        "--checkpointing_steps",
+        "10",
+        "--validation_prompt",
+        "a yellow circle",
+        "--validation_image",
+        str(data / "cond_0.png"),
+        "--validation_steps",
+        "10",
+        "--num_inference_steps",
+        "2",
+        "--num_validation_images",
+        "1",
+        "--report_to",
+        "none",
+        "--proportion_empty_prompts",
+        "0.2",
+        "--seed",
+        "3",
     ]
     out = root / "run"
     result = train_main([*flags, "--output_dir", str(out)])
     return root, model, data, out, flags, result
 
 
+@pytest.mark.slow  # end to end: control training
 def test_control_training_outputs_and_pipeline(control_run):
     from diffusion_oft.pipelines.stable_diffusion_control import OrthoStableDiffusionControlPipeline
 
     root, model, data, out, _, result = control_run
     assert result["global_step"] == 20
-    for name in ("adapter.safetensors", "condition_encoder.safetensors", "samples.png", "README.md",
-                 "checkpoint-10/condition_encoder.safetensors", "validation/validation-000010.png"):
+    for name in (
+        "adapter.safetensors",
+        "condition_encoder.safetensors",
+        "samples.png",
+        "README.md",
+        "checkpoint-10/condition_encoder.safetensors",
+        "validation/validation-000010.png",
+    ):
         assert (out / name).is_file(), name
     enc = read_tensors(out / "condition_encoder.safetensors")
     assert enc["conv_out.weight"].abs().sum() > 0 and enc["heads.0.weight"].abs().sum() > 0  # zero convs learned
@@ -285,15 +340,18 @@ def test_control_training_outputs_and_pipeline(control_run):
     kw = dict(num_inference_steps=3, output_type="np", height=RES, width=RES)
     with_cond = pipe("a yellow square", image=cond, generator=torch.Generator().manual_seed(0), **kw).images
     without = pipe("a yellow square", generator=torch.Generator().manual_seed(0), **kw).images
-    off = pipe("a yellow square", image=cond, control_scale=0.0, generator=torch.Generator().manual_seed(0),
-               **kw).images
+    off = pipe(
+        "a yellow square", image=cond, control_scale=0.0, generator=torch.Generator().manual_seed(0), **kw
+    ).images
     assert np.abs(with_cond - without).mean() > 1e-4
     assert np.array_equal(off, without)  # scale 0 = the base model, bit for bit
-    window = pipe("a yellow square", image=cond, control_guidance_end=0.5,
-                  generator=torch.Generator().manual_seed(0), **kw).images
+    window = pipe(
+        "a yellow square", image=cond, control_guidance_end=0.5, generator=torch.Generator().manual_seed(0), **kw
+    ).images
     assert np.abs(window - with_cond).mean() > 0 and np.abs(window - without).mean() > 0
 
 
+@pytest.mark.slow  # end to end: control training
 def test_control_resume_is_bit_exact(control_run):
     root, model, data, out, flags, _ = control_run
     resumed = root / "resumed"
@@ -307,18 +365,38 @@ def test_control_resume_is_bit_exact(control_run):
             assert torch.equal(a[key], b[key]), (name, key)
 
 
+@pytest.mark.slow  # end to end: control training
 def test_custom_pipeline_file_and_eval_control(control_run, capsys):
     from diffusers import DiffusionPipeline
 
     root, model, data, out, _, _ = control_run
     pipe = DiffusionPipeline.from_pretrained(
-        model, custom_pipeline=str(REPO / "pipelines" / "stable_diffusion_oft_control.py"), trust_remote_code=True,
+        model,
+        custom_pipeline=str(REPO / "pipelines" / "stable_diffusion_oft_control.py"),
+        trust_remote_code=True,
         control=str(out),
     )
     assert type(pipe).__name__ == "OrthoStableDiffusionControlPipeline" and pipe.condition_encoder is not None
-    code = cli_main(["eval", "control", "--pretrained_model_name_or_path", str(model), "--control", str(out),
-                     "--data_dir", str(data), "--resolution", str(RES), "--num_inference_steps", "2",
-                     "--max_samples", "2", "--output_dir", str(root / "eval")])
+    code = cli_main(
+        [
+            "eval",
+            "control",
+            "--pretrained_model_name_or_path",
+            str(model),
+            "--control",
+            str(out),
+            "--data_dir",
+            str(data),
+            "--resolution",
+            str(RES),
+            "--num_inference_steps",
+            "2",
+            "--max_samples",
+            "2",
+            "--output_dir",
+            str(root / "eval"),
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "edge IoU" in printed and "with the condition" in printed
@@ -327,25 +405,50 @@ def test_custom_pipeline_file_and_eval_control(control_run, capsys):
     assert (root / "eval" / "control_eval.png").is_file()
 
 
+@pytest.mark.slow  # end to end: control training
 def test_datasets_dataset_with_canny_on_the_fly(tmp_path):
     datasets = pytest.importorskip("datasets")
     model = save_tiny_sd(tmp_path / "tiny-sd")
     images, texts = zip(*(shape_image(i) for i in range(4)), strict=True)
-    ds = datasets.Dataset.from_dict({"image": list(images), "text": list(texts)},
-                                    features=datasets.Features({"image": datasets.Image(),
-                                                                "text": datasets.Value("string")}))
+    ds = datasets.Dataset.from_dict(
+        {"image": list(images), "text": list(texts)},
+        features=datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")}),
+    )
     ds.save_to_disk(str(tmp_path / "ds"))
     out = tmp_path / "out"
-    result = train_main(["--pretrained_model_name_or_path", str(model), "--dataset_name", str(tmp_path / "ds"),
-                         "--condition", "canny", "--resolution", str(RES), "--max_train_steps", "3",
-                         "--method", "ether", "--num_blocks", "2", "--report_to", "none",
-                         "--num_inference_steps", "2", "--num_validation_images", "1", "--output_dir", str(out)])
+    result = train_main(
+        [
+            "--pretrained_model_name_or_path",
+            str(model),
+            "--dataset_name",
+            str(tmp_path / "ds"),
+            "--condition",
+            "canny",
+            "--resolution",
+            str(RES),
+            "--max_train_steps",
+            "3",
+            "--method",
+            "ether",
+            "--num_blocks",
+            "2",
+            "--report_to",
+            "none",
+            "--num_inference_steps",
+            "2",
+            "--num_validation_images",
+            "1",
+            "--output_dir",
+            str(out),
+        ]
+    )
     assert result["global_step"] == 3
     info = do.adapter_info(out / "adapter.safetensors")
     assert "ff.net.2" in info["components"]["unet"]["config"]["extra_target_modules"]  # ETHER control: FF too
     assert (out / "samples.png").is_file()
 
 
+@pytest.mark.slow  # end to end: control training
 def test_controlnet_mode(tmp_path):
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 
@@ -354,24 +457,59 @@ def test_controlnet_mode(tmp_path):
     model = save_tiny_sd(tmp_path / "tiny-sd")
     data = make_control_folder(tmp_path / "data", n=2)
     out = tmp_path / "out"
-    train_main(["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--resolution",
-                str(RES), "--control_mode", "controlnet", "--block_size", "8", "--max_train_steps", "3",
-                "--learning_rate", "1e-2", "--encoder_learning_rate", "1e-2", "--report_to", "none",
-                "--num_inference_steps", "2", "--num_validation_images", "1", "--output_dir", str(out)])
+    train_main(
+        [
+            "--pretrained_model_name_or_path",
+            str(model),
+            "--train_data_dir",
+            str(data),
+            "--resolution",
+            str(RES),
+            "--control_mode",
+            "controlnet",
+            "--block_size",
+            "8",
+            "--max_train_steps",
+            "3",
+            "--learning_rate",
+            "1e-2",
+            "--encoder_learning_rate",
+            "1e-2",
+            "--report_to",
+            "none",
+            "--num_inference_steps",
+            "2",
+            "--num_validation_images",
+            "1",
+            "--output_dir",
+            str(out),
+        ]
+    )
     assert list(do.adapter_info(out / "adapter.safetensors")["components"]) == ["controlnet"]
     base = StableDiffusionControlNetPipeline.from_pretrained(
-        model, controlnet=ControlNetModel.from_unet(
+        model,
+        controlnet=ControlNetModel.from_unet(
             __import__("diffusers").UNet2DConditionModel.from_pretrained(model, subfolder="unet"),
-            conditioning_embedding_out_channels=(16, 32)),
-        safety_checker=None, requires_safety_checker=False)
+            conditioning_embedding_out_channels=(16, 32),
+        ),
+        safety_checker=None,
+        requires_safety_checker=False,
+    )
     base.set_progress_bar_config(disable=True)
     load_controlnet_extras(base.controlnet, out / "controlnet_extras.safetensors")
     do.load_adapter(base, out / "adapter.safetensors")
-    image = base("a yellow circle", image=Image.open(data / "cond_0.png"), num_inference_steps=2, height=RES,
-                 width=RES, output_type="np").images
+    image = base(
+        "a yellow circle",
+        image=Image.open(data / "cond_0.png"),
+        num_inference_steps=2,
+        height=RES,
+        width=RES,
+        output_type="np",
+    ).images
     assert np.isfinite(image).all()
 
 
+@pytest.mark.slow  # end to end: control training
 def test_train_control_slim_encoder(tmp_path):
     """--control_encoder slim trains the slim design and writes it with its widths; the pipeline loads it."""
     from diffusion_oft.control import load_paired_encoder
@@ -380,26 +518,55 @@ def test_train_control_slim_encoder(tmp_path):
     model = save_tiny_sd(tmp_path / "tiny-sd")
     data = make_control_folder(tmp_path / "data", n=2)
     out = tmp_path / "out"
-    train_main(["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--resolution",
-                str(RES), "--control_encoder", "slim", "--block_size", "8", "--max_train_steps", "2",
-                "--learning_rate", "1e-2", "--encoder_learning_rate", "1e-2", "--report_to", "none",
-                "--output_dir", str(out)])
+    train_main(
+        [
+            "--pretrained_model_name_or_path",
+            str(model),
+            "--train_data_dir",
+            str(data),
+            "--resolution",
+            str(RES),
+            "--control_encoder",
+            "slim",
+            "--block_size",
+            "8",
+            "--max_train_steps",
+            "2",
+            "--learning_rate",
+            "1e-2",
+            "--encoder_learning_rate",
+            "1e-2",
+            "--report_to",
+            "none",
+            "--output_dir",
+            str(out),
+        ]
+    )
     enc = load_paired_encoder(out)
     assert enc.config.block_out_channels == (8, 16) and enc.config.separable_downs
     assert enc.config.head_kernel_size == 1
     assert any(p.abs().sum() > 0 for p in enc.heads.parameters())  # the zero heads moved
-    pipe = OrthoStableDiffusionControlPipeline.from_pretrained(model, control=str(out), safety_checker=None,
-                                                               requires_safety_checker=False)
+    pipe = OrthoStableDiffusionControlPipeline.from_pretrained(
+        model, control=str(out), safety_checker=None, requires_safety_checker=False
+    )
     pipe.set_progress_bar_config(disable=True)
-    image = pipe("a yellow circle", image=Image.open(data / "cond_0.png"), num_inference_steps=2, height=RES,
-                 width=RES, output_type="np").images
+    image = pipe(
+        "a yellow circle",
+        image=Image.open(data / "cond_0.png"),
+        num_inference_steps=2,
+        height=RES,
+        width=RES,
+        output_type="np",
+    ).images
     assert np.isfinite(image).all()
 
 
 def test_control_user_errors(tmp_path, capsys):
     (tmp_path / "d").mkdir()
-    assert cli_main(["train", "control", "--pretrained_model_name_or_path", "x", "--train_data_dir",
-                     str(tmp_path / "d")]) == 2
+    assert (
+        cli_main(["train", "control", "--pretrained_model_name_or_path", "x", "--train_data_dir", str(tmp_path / "d")])
+        == 2
+    )
     assert "no metadata.jsonl" in capsys.readouterr().err.strip().splitlines()[-1]
     assert cli_main(["train", "control", "--pretrained_model_name_or_path", "x"]) == 2
     assert "give --train_data_dir" in capsys.readouterr().err
@@ -416,13 +583,18 @@ def test_cubic_timesteps_and_v_space_loss():
     t = sample_timesteps(20000, sched, g, "cpu", "cubic")
     assert t.min() >= 0 and t.max() <= 999
     assert abs((t >= 500).float().mean().item() - 0.5 ** (1 / 3)) < 0.01  # P(u^3 <= 1/2) = 0.794
-    assert torch.equal(sample_timesteps(8, sched, torch.Generator().manual_seed(1), "cpu"),
-                       torch.randint(0, 1000, (8,), generator=torch.Generator().manual_seed(1)))  # uniform as before
+    assert torch.equal(
+        sample_timesteps(8, sched, torch.Generator().manual_seed(1), "cpu"),
+        torch.randint(0, 1000, (8,), generator=torch.Generator().manual_seed(1)),
+    )  # uniform as before
     with pytest.raises(ValueError, match="unknown timestep bias"):
         sample_timesteps(2, sched, g, "cpu", "cosine")
     # v-space loss of an epsilon model = MSE between the v's the predictions imply and the true v
-    x0, noise, eps_hat = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g), torch.randn(
-        4, 4, 8, 8, generator=g)
+    x0, noise, eps_hat = (
+        torch.randn(4, 4, 8, 8, generator=g),
+        torch.randn(4, 4, 8, 8, generator=g),
+        torch.randn(4, 4, 8, 8, generator=g),
+    )
     t = torch.tensor([0, 300, 700, 999])
     ab = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
     x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
@@ -456,6 +628,7 @@ def test_toyworld_control_scores():
     assert _score_control(shifted, held)["box_iou"] < perfect["box_iou"]
 
 
+@pytest.mark.slow  # the toy world
 def test_toyworld_loop_trains_controlnet_references(tmp_path):
     """The benchmark loop's ControlNet references: every parameter trained (full ControlNet) or the
     adapter + hint encoder/zero convs (controlnet mode); ControlNetPipe judges them like the control
@@ -468,17 +641,29 @@ def test_toyworld_loop_trains_controlnet_references(tmp_path):
 
     pipe = load_toy_pipeline(save_tiny_sd(tmp_path / "tiny-sd"), control=True)
     g = torch.Generator().manual_seed(0)
-    latents, text, conds = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 5, 32, generator=g), torch.rand(
-        4, 3, 16, 16, generator=g)
+    latents, text, conds = (
+        torch.randn(4, 4, 8, 8, generator=g),
+        torch.randn(4, 5, 32, generator=g),
+        torch.rand(4, 3, 16, 16, generator=g),
+    )
     full = ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=default_channels(2))
     before = {n: p.detach().clone() for n, p in full.named_parameters()}
     info = train(pipe, None, latents, text, steps=2, lr=1e-3, conditions=conds, controlnet=full)
     assert info["params"] == sum(p.numel() for p in full.parameters())
-    assert not torch.equal(before["down_blocks.0.attentions.0.proj_in.weight"],
-                           full.down_blocks[0].attentions[0].proj_in.weight)  # the copy itself trains
+    assert not torch.equal(
+        before["down_blocks.0.attentions.0.proj_in.weight"], full.down_blocks[0].attentions[0].proj_in.weight
+    )  # the copy itself trains
     copy = ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=default_channels(2))
-    info = train(pipe, AdapterSpec("OFT", do.AdapterConfig(method="oft", block_size=8)), latents, text, steps=2,
-                 lr=1e-3, conditions=conds, controlnet=copy)
+    info = train(
+        pipe,
+        AdapterSpec("OFT", do.AdapterConfig(method="oft", block_size=8)),
+        latents,
+        text,
+        steps=2,
+        lr=1e-3,
+        conditions=conds,
+        controlnet=copy,
+    )
     extras = sum(p.numel() for part in CONTROLNET_TRAINED_PARTS for p in getattr(copy, part).parameters())
     assert info["params"] == info["adapter_params"] + extras and 0 < info["adapter_params"]
     assert not any(p.requires_grad for n, p in pipe.unet.named_parameters())  # the UNet stays frozen

@@ -89,7 +89,8 @@ def weight_errors(lora_pipe, merged_unet, base_unet) -> dict[str, float]:
     return out
 
 
-@pytest.mark.parametrize("case", list(CASES))
+# Output-side cases run with the slow tests (CI); the default run has every method on its default side.
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if "output" in c else c for c in CASES])
 def test_lora_export_loads_in_diffusers_and_matches_the_merged_model(tmp_path, base_dir, unet_inputs, case):
     config = CASES[case]
     ours = load_pipe(base_dir)
@@ -351,6 +352,7 @@ def test_diff_from_a_half_precision_folder_loads_in_its_dtype(tmp_path, unet_inp
             assert (applied.float() - layer.base_layer.weight.float()).abs().max() <= 2**-20 * weight.abs().max()
 
 
+@pytest.mark.slow  # end to end: the command line
 def test_side_output_from_the_cli_exports_to_kohya_read_back_exactly(tmp_path, base_dir, unet_inputs):
     """`train dreambooth --side output` -> `convert --to kohya` -> our loader (bit for bit) and LyCORIS (exact)."""
     from test_convert_kohya import TOL, LycorisNetworkKohya, create_network_from_weights

@@ -18,7 +18,7 @@ import diffusion_oft as do
 from diffusion_oft.convert import ConversionError, ConversionWarning, convert
 
 peft = pytest.importorskip("peft")
-from peft import BOFTConfig, OFTConfig, PeftModel, get_peft_model  # noqa: E402
+from peft import BOFTConfig, HRAConfig, OFTConfig, PeftModel, get_peft_model  # noqa: E402
 
 TOL = 1e-5
 
@@ -41,6 +41,8 @@ EXPORT_CASES = {
     "oft_num_blocks": dict(method="oft", num_blocks=4, cayley_mode="neumann", neumann_terms=6),
     "oft_magnitude": dict(method="oft", block_size=8, magnitude=True),
     "boft_m1_magnitude": dict(method="boft", block_size=4, n_butterfly_factors=1, magnitude=True),
+    "hra": dict(method="hra", n_reflections=4),
+    "hra_odd": dict(method="hra", n_reflections=3),
 }
 
 
@@ -88,6 +90,7 @@ IMPORT_CASES = {
     "oft_coft": lambda t: OFTConfig(oft_block_size=8, target_modules=t, init_weights=False, coft=True, eps=0.3),
     "oft_block_share": lambda t: OFTConfig(oft_block_size=8, target_modules=t, init_weights=False, block_share=True),
     "boft_m1": lambda t: BOFTConfig(boft_block_size=4, target_modules=t, init_weights=False),
+    "hra": lambda t: HRAConfig(r=4, target_modules=t, init_weights=False),
 }
 
 
@@ -163,6 +166,7 @@ def test_formats_peft_cannot_hold_are_refused(tmp_path):
             dict(method="boft", block_size=4, n_butterfly_factors=2, cayley_mode="neumann"),
             "exact Cayley transform only",
         ),
+        "hra_blocks": (dict(method="hra", n_reflections=2, num_blocks=2), "one block per layer"),
     }
     for name, (config, message) in cases.items():
         do.save_adapter(random_adapter(config), tmp_path / f"{name}.safetensors")

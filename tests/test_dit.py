@@ -160,6 +160,7 @@ def test_wrong_base_model_is_refused_with_the_first_mismatching_tensor(tmp_path)
     assert "transformer width 64" in hints["transformer"] and "SD3Transformer2DModel" in hints["transformer"]
 
 
+@pytest.mark.slow  # end to end: the command line
 @pytest.mark.parametrize("arch", ["sd3", "flux"])
 def test_generate_and_convert_commands_on_builtin_dit_models(builtin_cache, tmp_path, capsys, arch):
     model = f"builtin:tiny-{arch}"

@@ -51,15 +51,38 @@ def data(tmp_path_factory):
 
 def args_for(model: str, data: Path, out: Path, *extra: str) -> list[str]:
     return [
-        "--pretrained_model_name_or_path", model, "--instance_data_dir", str(data), "--instance_prompt", PROMPT,
-        "--output_dir", str(out), "--resolution", str(RES), "--max_sequence_length", str(T5_LEN),
-        "--num_inference_steps", "2", "--num_validation_images", "1", "--report_to", "none", *extra,
+        "--pretrained_model_name_or_path",
+        model,
+        "--instance_data_dir",
+        str(data),
+        "--instance_prompt",
+        PROMPT,
+        "--output_dir",
+        str(out),
+        "--resolution",
+        str(RES),
+        "--max_sequence_length",
+        str(T5_LEN),
+        "--num_inference_steps",
+        "2",
+        "--num_validation_images",
+        "1",
+        "--report_to",
+        "none",
+        *extra,
     ]
 
 
 def render(pipe) -> torch.Tensor:
-    return pipe(PROMPT, num_inference_steps=2, height=RES, width=RES, max_sequence_length=T5_LEN,
-                generator=torch.Generator().manual_seed(0), output_type="pt").images
+    return pipe(
+        PROMPT,
+        num_inference_steps=2,
+        height=RES,
+        width=RES,
+        max_sequence_length=T5_LEN,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    ).images
 
 
 def test_family_is_detected_from_the_model_folder(builtin_cache, data, tmp_path):
@@ -76,8 +99,7 @@ def test_family_is_detected_from_the_model_folder(builtin_cache, data, tmp_path)
         ("builtin:tiny-flux", "flux", "none", 3.5, 512),
         ("builtin:tiny-sd", None, None, 7.5, None),
     ):
-        argv = ["--pretrained_model_name_or_path", model, "--instance_data_dir", str(data),
-                "--instance_prompt", PROMPT]
+        argv = ["--pretrained_model_name_or_path", model, "--instance_data_dir", str(data), "--instance_prompt", PROMPT]
         args = finalize_args(dreambooth_parser().parse_args(argv))
         assert (args.model_family, args.weighting_scheme, args.guidance_scale) == (family, scheme, guidance)
         assert args.max_sequence_length == t5
@@ -106,8 +128,11 @@ def test_wrong_flags_for_dit_models_are_one_line_errors(builtin_cache, data, tmp
 def test_resolution_must_split_into_the_transformers_patches():
     flux = tiny_flux_pipeline()
     flux.vae_scale_factor = 8  # as FLUX.1's VAE: latents of 520 px are 65 wide, not 2x2-packable
-    with pytest.raises(ValueError, match=r"--resolution must be divisible by 16 for this FluxPipeline, got 520 "
-                                         r"\(try 512 or 528\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"--resolution must be divisible by 16 for this FluxPipeline, got 520 "
+        r"\(try 512 or 528\)",
+    ):
         FluxFamily().check_resolution(flux, 520)
     FluxFamily().check_resolution(flux, 512)
     sd3 = tiny_sd3_pipeline()
@@ -132,11 +157,26 @@ def test_train_feed_forward_needs_a_dit(builtin_cache, data, tmp_path):
         ("builtin:tiny-flux-schnell", "ether_plus"),
     ],
 )
+@pytest.mark.slow  # end to end: DiT training
 def test_dreambooth_run_writes_an_adapter_that_changes_the_pipeline(builtin_cache, data, tmp_path, model, method):
     out = tmp_path / "run"
     lr = "1e-2" if method == "oft" else "3e-2"
-    result = train_main(args_for(model, data, out, "--method", method, "--max_train_steps", "3",
-                                 "--learning_rate", lr, "--center_crop", "--seed", "1"))
+    result = train_main(
+        args_for(
+            model,
+            data,
+            out,
+            "--method",
+            method,
+            "--max_train_steps",
+            "3",
+            "--learning_rate",
+            lr,
+            "--center_crop",
+            "--seed",
+            "1",
+        )
+    )
     assert result["global_step"] == 3 and all(torch.isfinite(torch.tensor(h["loss"])) for h in result["history"])
     assert (out / "samples.png").is_file() and (out / "README.md").is_file()
     card = (out / "README.md").read_text()
@@ -157,27 +197,60 @@ def test_dreambooth_run_writes_an_adapter_that_changes_the_pipeline(builtin_cach
     assert (after - before).abs().max().item() > 1e-3
 
 
+@pytest.mark.slow  # end to end: DiT training
 def test_feed_forward_option_adds_the_mlps_and_flux_single_block_outputs(builtin_cache, data, tmp_path):
     out = tmp_path / "ff"
-    train_main(args_for("builtin:tiny-flux", data, out, "--max_train_steps", "1", "--train_feed_forward",
-                        "--num_validation_images", "0"))
+    train_main(
+        args_for(
+            "builtin:tiny-flux",
+            data,
+            out,
+            "--max_train_steps",
+            "1",
+            "--train_feed_forward",
+            "--num_validation_images",
+            "0",
+        )
+    )
     paths = {k.split(".", 1)[1].rsplit(".", 1)[0] for k in read_tensors(out / "adapter.safetensors")}
     paths = {p.rsplit(".default", 1)[0] for p in paths}
-    expected = {"transformer_blocks.0.ff.net.0.proj", "transformer_blocks.0.ff_context.net.2",
-                "single_transformer_blocks.0.proj_mlp", "single_transformer_blocks.0.proj_out",
-                "single_transformer_blocks.0.attn.to_q"}
+    expected = {
+        "transformer_blocks.0.ff.net.0.proj",
+        "transformer_blocks.0.ff_context.net.2",
+        "single_transformer_blocks.0.proj_mlp",
+        "single_transformer_blocks.0.proj_out",
+        "single_transformer_blocks.0.attn.to_q",
+    }
     assert expected <= paths, sorted(paths)
     assert "proj_out" not in paths  # the transformer's final output projection stays frozen
     assert feed_forward_targets(tiny_flux_pipeline().transformer)[-1] == "single_transformer_blocks.0.proj_out"
 
 
+@pytest.mark.slow  # interruption: resume
 @pytest.mark.parametrize("model", ["builtin:tiny-sd3", "builtin:tiny-flux"])
 def test_resume_is_bit_exact(builtin_cache, data, tmp_path, model):
     """4 steps in one go == 2 steps, stop, resume from checkpoint-2, 2 more (prior preservation on)."""
-    flags = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--learning_rate", "1e-2",
-             "--with_prior_preservation", "--class_prompt", "a photo of a disc", "--num_class_images", "2",
-             "--class_data_dir", str(tmp_path / "class"), "--class_inference_steps", "2",
-             "--weighting_scheme", "logit_normal", "--num_validation_images", "0"]
+    flags = [
+        "--max_train_steps",
+        "4",
+        "--checkpointing_steps",
+        "2",
+        "--learning_rate",
+        "1e-2",
+        "--with_prior_preservation",
+        "--class_prompt",
+        "a photo of a disc",
+        "--num_class_images",
+        "2",
+        "--class_data_dir",
+        str(tmp_path / "class"),
+        "--class_inference_steps",
+        "2",
+        "--weighting_scheme",
+        "logit_normal",
+        "--num_validation_images",
+        "0",
+    ]
     full = train_main(args_for(model, data, tmp_path / "full", *flags))
     resumed_dir = tmp_path / "resumed"
     resumed_dir.mkdir()
@@ -224,8 +297,9 @@ def test_flow_matching_step_against_the_formula(arch, scheme):
     x = torch.randn(3, 16, 8, 8)  # scaled latents: 2 instance images + 1 class image
     cond = family.encode_prompts(pipe, ["a", "bb", "c"], T5_LEN, "cpu")
     args = StepArgs(weighting_scheme=scheme, guidance_scale=4.0)
-    loss, logs = flow_matching_step(family, pipe.transformer, pipe.scheduler, x, cond,
-                                    torch.Generator().manual_seed(5), args, num_instance=2)
+    loss, logs = flow_matching_step(
+        family, pipe.transformer, pipe.scheduler, x, cond, torch.Generator().manual_seed(5), args, num_instance=2
+    )
 
     # the reference, from the formula: ε ~ N(0, 1) then u from the same generator; σ = sigmas[⌊u·N⌋]
     g = torch.Generator().manual_seed(5)
@@ -254,8 +328,11 @@ def test_flow_matching_step_against_the_formula(arch, scheme):
             assert torch.equal(call["guidance"], torch.full((3,), 4.0))
         else:
             assert call.get("guidance") is None
-    weight = {"sigma_sqrt": sigma**-2.0, "logit_normal": torch.ones(3),
-              "cosmap": 2 / (torch.pi * (1 - 2 * sigma + 2 * sigma**2))}[scheme]
+    weight = {
+        "sigma_sqrt": sigma**-2.0,
+        "logit_normal": torch.ones(3),
+        "cosmap": 2 / (torch.pi * (1 - 2 * sigma + 2 * sigma**2)),
+    }[scheme]
     per_sample = weight * ((pred - (eps - x)) ** 2).mean(dim=(1, 2, 3))
     reference = per_sample[:2].mean() + 0.5 * per_sample[2]
     assert torch.allclose(loss, reference, rtol=1e-5), (loss, reference)
@@ -286,8 +363,19 @@ def test_guidance_is_passed_in_training_for_dev_only(builtin_cache, data, tmp_pa
 
     monkeypatch.setattr(dit, "flow_matching_step", spying)
     for name in ("tiny-flux", "tiny-flux-schnell"):
-        train_main(args_for(f"builtin:{name}", data, tmp_path / name, "--max_train_steps", "1",
-                            "--num_validation_images", "0", "--guidance_scale", "2.5"))
+        train_main(
+            args_for(
+                f"builtin:{name}",
+                data,
+                tmp_path / name,
+                "--max_train_steps",
+                "1",
+                "--num_validation_images",
+                "0",
+                "--guidance_scale",
+                "2.5",
+            )
+        )
     assert [g.tolist() for g in seen["tiny-flux"]] == [[2.5]]
     assert seen["tiny-flux-schnell"] == [None]
 
@@ -311,6 +399,7 @@ save_file(adapter_state_dict(trainer.pipe.transformer), str(dump / f"rank{rank}.
 """
 
 
+@pytest.mark.slow  # DDP
 @pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not on PATH")
 def test_flux_dev_under_two_cpu_processes_ends_with_the_same_adapter(builtin_cache, tmp_path):
     """DDP over gloo: the guidance embedding's config is read through the DDP wrapper; both ranks agree."""
@@ -322,10 +411,30 @@ def test_flux_dev_under_two_cpu_processes_ends_with_the_same_adapter(builtin_cac
     script.write_text(RANK_SCRIPT)
     env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONPATH=str(Path.cwd()))
     cmd = [
-        "accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(dump),
-        *args_for("builtin:tiny-flux", data, out, "--max_train_steps", "2", "--learning_rate", "1e-2",
-                  "--num_validation_images", "0"),
+        "accelerate",
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(script),
+        str(dump),
+        *args_for(
+            "builtin:tiny-flux",
+            data,
+            out,
+            "--max_train_steps",
+            "2",
+            "--learning_rate",
+            "1e-2",
+            "--num_validation_images",
+            "0",
+        ),
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -59,9 +59,22 @@ def test_cli_typo_in_the_model_path_is_one_line_before_loading(tmp_path, monkeyp
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["diffusion-oft generate: error: --model assets/toy_sd: no such folder"]
-    train = ["train", "dreambooth", "--pretrained_model_name_or_path", "assets/toy_sd", "--instance_data_dir",
-             str(REPO / "assets" / "subject"), "--instance_prompt", "a sks toy", "--output_dir", str(tmp_path / "t"),
-             "--resolution", "64", "--report_to", "none"]
+    train = [
+        "train",
+        "dreambooth",
+        "--pretrained_model_name_or_path",
+        "assets/toy_sd",
+        "--instance_data_dir",
+        str(REPO / "assets" / "subject"),
+        "--instance_prompt",
+        "a sks toy",
+        "--output_dir",
+        str(tmp_path / "t"),
+        "--resolution",
+        "64",
+        "--report_to",
+        "none",
+    ]
     assert main(train) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith("assets/toy_sd: no such folder")
     assert not (tmp_path / "t").exists()  # a failed start leaves no empty output folder
@@ -76,8 +89,11 @@ from transformers import CLIPImageProcessor  # what diffusers' pipelines import
 """
 
 
-@pytest.mark.skipif(__import__("importlib").util.find_spec("torchvision") is not None,
-                    reason="the warning is only given without torchvision")
+@pytest.mark.slow  # end to end: subprocesses
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("torchvision") is not None,
+    reason="the warning is only given without torchvision",
+)
 def test_no_warnings_about_torchvision_from_our_commands():
     def stderr(mode: str) -> str:
         return subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, cwd=REPO).stderr

@@ -21,6 +21,8 @@ from diffusion_oft.inference import _input_width
 from diffusion_oft.tiny import save_tiny_sd, tiny_sdxl_pipeline
 from diffusion_oft.training.control import main as train_control
 
+pytestmark = pytest.mark.slow  # end to end: the command line
+
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
 
 

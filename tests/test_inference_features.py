@@ -58,6 +58,7 @@ def test_custom_pipeline_scale_works_under_any_attention_processor(adapter_file,
     assert np.allclose(generate(pipe), adapted, atol=1e-5)
 
 
+@pytest.mark.slow  # torch.compile
 def test_torch_compile_before_or_after_load_adapter(adapter_file, reference):
     base, adapted = reference
     pipe = make_sd()

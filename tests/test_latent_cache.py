@@ -17,6 +17,8 @@ from diffusion_oft.training.data import DreamBoothDataset
 from diffusion_oft.training.dreambooth import DreamBoothTrainer
 from diffusion_oft.training.latents import LatentCache
 
+pytestmark = pytest.mark.slow  # end to end: training runs
+
 RES = 16
 PROMPT = "a photo of sks disc"
 

@@ -59,6 +59,12 @@ def dense_reference_weight(method, weight: torch.Tensor) -> torch.Tensor:
         side = "in" if cfg.side == "input" else "out"
         h = dense_householder([getattr(method, f"u_{side}").detach()], [-2.0])
         return w @ h if cfg.side == "input" else h @ w
+    if cfg.method == "hra":  # D = H_1 ... H_r per block (PEFT: W' = W D); the layer's input transform is D^T
+        u = getattr(method, "u_in" if cfg.side == "input" else "u_out").detach()
+        d = dense_householder([u[0]], [-2.0])
+        for i in range(1, u.shape[0]):
+            d = d @ dense_householder([u[i]], [-2.0])
+        return w @ d if cfg.side == "input" else d.T @ w
     h_in = dense_householder([method.u_in.detach(), method.v_in.detach()], [-1.0, 1.0])
     h_out = dense_householder([method.u_out.detach(), method.v_out.detach()], [-1.0, 1.0])
     return h_out @ w @ h_in  # ETHER+ two-sided: H~+ W H+
@@ -75,6 +81,9 @@ CASES = [
     dict(method="ether", num_blocks=4),
     dict(method="ether", num_blocks=1, side="output"),
     dict(method="ether_plus", num_blocks=2),
+    dict(method="hra", n_reflections=4),
+    dict(method="hra", n_reflections=3, num_blocks=2),
+    dict(method="hra", n_reflections=2, block_size=8, side="output"),
 ]
 
 
@@ -113,6 +122,7 @@ def test_orthogonality_at_random_parameters(case):
 
 
 def test_ether_plus_is_not_orthogonal_but_invertible():
+    torch.manual_seed(0)  # its own draw, whatever the tests before it drew (the tables grow with methods)
     cfg = AdapterConfig(method="ether_plus", num_blocks=2, init="random")
     method = get_method_class("ether_plus")(16, 16, cfg)
     t = method.transforms()["input"]
@@ -121,6 +131,36 @@ def test_ether_plus_is_not_orthogonal_but_invertible():
     inv = t.inverse().to_dense()
     # float32 products of a non-orthogonal H+ (condition number > 1) with its inverse
     torch.testing.assert_close(r.double() @ inv.double(), torch.eye(16, dtype=torch.float64), atol=5e-5, rtol=0)
+
+
+@pytest.mark.parametrize("r", [1, 2, 5, 8])
+def test_hra_product_and_scale_match_the_reflections(r):
+    """HRA's compact product I + Y T Y^T equals the r reflections multiplied densely, at scale 1 and along
+    its scale path (each reflection I - 2s u^ u^T), and a repeated vector cancels exactly."""
+    from diffusion_oft.methods.hra import householder_product
+
+    u = torch.randn(r, 3, 6, dtype=torch.float64)
+    for scale in (1.0, 0.3, -0.7):
+        y, t = householder_product(u, scale)
+        got = torch.eye(6, dtype=torch.float64) + y.double() @ t.double() @ y.double().transpose(1, 2)  # (3, 6, 6)
+        for blk in range(3):
+            ref = torch.eye(6, dtype=torch.float64)
+            for i in range(r):
+                v = u[i, blk] / u[i, blk].norm()
+                ref = ref @ (torch.eye(6, dtype=torch.float64) - 2 * scale * torch.outer(v, v))
+            torch.testing.assert_close(got[blk], ref, atol=1e-5, rtol=0)
+    pair = torch.randn(1, 2, 6).repeat(2, 1, 1)  # u_1 = u_2: H_1 H_2 = I
+    y, t = householder_product(pair)
+    assert torch.equal(y @ t @ y.transpose(1, 2), torch.zeros(2, 6, 6))
+
+
+def test_hra_refuses_what_it_cannot_start_from():
+    with pytest.raises(ValueError, match="even n_reflections"):
+        AdapterConfig(method="hra", n_reflections=3, init="identity")
+    with pytest.raises(ValueError, match="n_reflections applies to hra only"):
+        AdapterConfig(method="oft", n_reflections=4)
+    with pytest.raises(ValueError, match="n_reflections must be a positive integer"):
+        AdapterConfig(method="hra", n_reflections=0)
 
 
 def test_cayley_exact_and_neumann_agree_up_to_series_error():
@@ -178,6 +218,7 @@ def test_parameter_counts_follow_the_formulas():
     assert count(method="boft", block_size=4, n_butterfly_factors=3) == 3 * d_in * (4 - 1) // 2
     assert count(method="ether", num_blocks=4) == d_in
     assert count(method="ether_plus", num_blocks=4) == 2 * (d_in + d_out)
+    assert count(method="hra", n_reflections=8) == 8 * d_in
     assert count(method="oft", block_size=8, magnitude=True) == d_in * 7 // 2 + d_out
 
 
@@ -206,8 +247,11 @@ def test_block_diagonal_linear_after_matches_rotate_then_linear(tokens):
     reference = torch.nn.functional.linear(transform.right_mul(x), weight)
     torch.testing.assert_close(fast, reference, rtol=1e-12, atol=1e-12)
     upstream = torch.randn(fast.shape, dtype=torch.float64, generator=g)
-    for a, b in zip(torch.autograd.grad(fast, (x, blocks), upstream),
-                    torch.autograd.grad(reference, (x, blocks), upstream), strict=True):
+    for a, b in zip(
+        torch.autograd.grad(fast, (x, blocks), upstream),
+        torch.autograd.grad(reference, (x, blocks), upstream),
+        strict=True,
+    ):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
@@ -279,7 +323,7 @@ def test_shorter_doubling_products_for_small_generators_match_the_solve(norm):
 def test_thin_update_nodes_have_the_gradients_of_plain_autograd(with_weight, with_bias):
     """The hand-written thin-update nodes (in-place update, transposed thin gradients) against
     numerical gradients in float64."""
-    from diffusion_oft.methods.transforms import _FrozenThinProduct, thin_update_linear
+    from diffusion_oft.methods.nodes import _FrozenThinProduct, thin_update_linear
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 5, 12, dtype=torch.float64, generator=g, requires_grad=True)
@@ -333,8 +377,12 @@ def test_ether_plus_routes_match_the_dense_reference_with_gradients(tokens, x_gr
     layer.add_adapter("a", method)
     x = torch.randn(2, tokens // 2, 16, requires_grad=x_grad)
     route = (low_rank_on_weight(x, linear.weight), output_side_on_activations(x, linear.weight))
-    assert route == {(4, False): (True, True), (40, False): (True, False),
-                     (40, True): (True, False), (4, True): (False, True)}[(tokens, x_grad)]
+    assert (
+        route
+        == {(4, False): (True, True), (40, False): (True, False), (40, True): (True, False), (4, True): (False, True)}[
+            (tokens, x_grad)
+        ]
+    )
     upstream = torch.randn(2, tokens // 2, 24)
     out = layer(x)
     params = [method.u_in, method.v_in, method.u_out, method.v_out]

@@ -25,7 +25,7 @@ def randomize(unet, std: float = 0.3) -> None:
             p.add_(torch.randn_like(p) * std)
 
 
-@pytest.mark.parametrize("method", ["oft", "boft", "ether_plus"])
+@pytest.mark.parametrize("method", ["oft", "boft", "ether_plus", "hra"])
 @pytest.mark.parametrize("grad", [False, True])
 def test_exact_identity_at_init(tiny_unet, unet_inputs, method, grad):
     base = run_unet(tiny_unet, unet_inputs)
@@ -81,8 +81,10 @@ def test_merge_matches_unmerged_and_unmerge_does_not_drift(tiny_unet, unet_input
 UNMERGE_SCALES = (0.01, 0.3, 1.0, 3.0)
 
 
-@pytest.mark.parametrize("magnitude", [False, True], ids=["plain", "magnitude"])
-@pytest.mark.parametrize("side", ["input", "output"])
+# The default run checks the input side without magnitude for every method; the other three combinations
+# run with the slow tests (CI).
+@pytest.mark.parametrize("magnitude", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["plain", "magnitude"])
+@pytest.mark.parametrize("side", ["input", pytest.param("output", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("method", ALL)
 def test_unmerge_and_remove_give_back_the_base_weights_exactly(unet_inputs, method, side, magnitude):
     """merge -> 20 x (unmerge, merge) -> unmerge -> remove: the base weights bit for bit, in fp32, fp16 and
@@ -100,8 +102,10 @@ def test_unmerge_and_remove_give_back_the_base_weights_exactly(unet_inputs, meth
                     p.add_(torch.randn_like(p) * scale)
             originals = {n: layer.base_layer.weight.detach().clone() for n, layer in do.model.named_ortho_layers(unet)}
             do.merge_adapter(unet)
-            moved = max(rel_err(layer.base_layer.weight.float(), originals[n].float())
-                        for n, layer in do.model.named_ortho_layers(unet))
+            moved = max(
+                rel_err(layer.base_layer.weight.float(), originals[n].float())
+                for n, layer in do.model.named_ortho_layers(unet)
+            )
             assert moved > 1e-3, "the merge changed nothing: the test would prove nothing"
             for _ in range(20 if scale == UNMERGE_SCALES[-1] else 3):
                 do.unmerge_adapter(unet)
@@ -159,7 +163,7 @@ def test_fifty_steps_lower_the_loss(unet_inputs, method):
     unet = make_tiny_unet().train()
     target = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
     do.add_adapter(unet, do.AdapterConfig(**METHOD_CONFIGS[method], coft_eps=None))
-    lr = {"oft": 3e-2, "boft": 3e-2, "ether": 3e-2, "ether_plus": 3e-2}[method]
+    lr = {"oft": 3e-2, "boft": 3e-2, "ether": 3e-2, "ether_plus": 3e-2, "hra": 3e-2}[method]
     opt = torch.optim.Adam(do.adapter_parameters(unet), lr=lr)
     losses = []
     for _ in range(50):
@@ -341,6 +345,7 @@ def test_other_diffusers_models():
     assert len(do.model.ortho_layers(dit)) == 4
 
 
+@pytest.mark.slow  # torch.compile
 @pytest.mark.parametrize("method", ALL)
 def test_no_graph_breaks_inside_adapted_attention(tiny_unet, method):
     do.add_adapter(tiny_unet, do.AdapterConfig(**METHOD_CONFIGS[method]))

@@ -101,16 +101,23 @@ def test_default_skips_bad_files_with_one_counted_warning(messy):
 
 @pytest.mark.parametrize(
     "name, reason",
-    [("bomb.png", "decompression bomb"), ("corrupt.png", "not a readable image"), ("zero.png", "not a readable image"),
-     ("truncated.jpg", "truncated"), ("notes.txt", "is not an image")],
+    [
+        ("bomb.png", "decompression bomb"),
+        ("corrupt.png", "not a readable image"),
+        ("zero.png", "not a readable image"),
+        ("truncated.jpg", "truncated"),
+        ("notes.txt", "is not an image"),
+    ],
 )
 def test_strict_stops_on_each_bad_file_with_a_clear_error(tmp_path, monkeypatch, name, reason):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
     folder = tmp_path / "messy"
     make_messy_folder(folder)
     for other in folder.iterdir():  # leave only the good files and the one bad file
-        if other.is_file() and other.name != name and other.name in (
-            "bomb.png", "corrupt.png", "zero.png", "truncated.jpg", "notes.txt", "script.py"
+        if (
+            other.is_file()
+            and other.name != name
+            and other.name in ("bomb.png", "corrupt.png", "zero.png", "truncated.jpg", "notes.txt", "script.py")
         ):
             other.unlink()
     with pytest.raises(ValueError, match=reason) as info:
@@ -137,12 +144,27 @@ def tiny_model(tmp_path_factory):
 
 def argv(model, data, out, *extra):
     return [
-        "--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(data),
-        "--instance_prompt", "a photo of sks thing", "--output_dir", str(out), "--resolution", "16",
-        "--report_to", "none", "--max_train_steps", "2", "--checkpointing_steps", "100", *extra,
+        "--pretrained_model_name_or_path",
+        str(model),
+        "--instance_data_dir",
+        str(data),
+        "--instance_prompt",
+        "a photo of sks thing",
+        "--output_dir",
+        str(out),
+        "--resolution",
+        "16",
+        "--report_to",
+        "none",
+        "--max_train_steps",
+        "2",
+        "--checkpointing_steps",
+        "100",
+        *extra,
     ]
 
 
+@pytest.mark.slow  # end to end: training
 def test_training_on_a_messy_folder_default_and_strict(messy, tiny_model, tmp_path, capsys):
     folder, good, bad = messy
     with pytest.warns(BadDataWarning, match=f"skipped {len(bad)}"):
@@ -157,8 +179,13 @@ def test_training_on_a_messy_folder_default_and_strict(messy, tiny_model, tmp_pa
 def test_missing_captions_in_metadata_jsonl(tmp_path):
     folder = tmp_path / "control"
     folder.mkdir()
-    rows = [{"file_name": "a.png", "text": "a cat"}, {"file_name": "b.png"}, {"file_name": "c.png", "text": None},
-            {"file_name": "d.png", "text": "  "}, {"file_name": "e.png", "text": 5}]
+    rows = [
+        {"file_name": "a.png", "text": "a cat"},
+        {"file_name": "b.png"},
+        {"file_name": "c.png", "text": None},
+        {"file_name": "d.png", "text": "  "},
+        {"file_name": "e.png", "text": 5},
+    ]
     for row in rows:
         Image.new("RGB", (16, 16)).save(folder / row["file_name"])
     (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n", encoding="utf-8")
@@ -176,7 +203,7 @@ def test_unwritable_output_dir_fails_before_training(messy, tiny_model, tmp_path
     blocker = tmp_path / "a-file"
     blocker.write_text("x")  # an output dir "inside" a file: cannot be created (also as root)
     loaded = []
-    monkeypatch.setattr("diffusion_oft.training.dreambooth.load_base_model", lambda *a, **k: loaded.append(1))
+    monkeypatch.setattr("diffusion_oft.training.subject.load_base_model", lambda *a, **k: loaded.append(1))
     assert cli_main(["train", "dreambooth", *argv(tiny_model, folder, blocker / "out")]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert "--output_dir" in last and "cannot write there" in last and not loaded
@@ -193,7 +220,7 @@ def test_full_disk_fails_before_training(messy, tiny_model, tmp_path, capsys, mo
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=10 * 2**20))
     loaded = []
-    monkeypatch.setattr("diffusion_oft.training.dreambooth.load_base_model", lambda *a, **k: loaded.append(1))
+    monkeypatch.setattr("diffusion_oft.training.subject.load_base_model", lambda *a, **k: loaded.append(1))
     assert cli_main(["train", "dreambooth", *argv(tiny_model, messy[0], tmp_path / "out")]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert "only 10 MiB free" in last and "needs at least 256 MiB" in last and not loaded

@@ -94,6 +94,7 @@ json_values = st.recursive(
 # ---- byte-level damage --------------------------------------------------------------------------------
 @SETTINGS
 @given(st.data())
+@pytest.mark.slow  # fuzzing of damaged files
 def test_truncated_files_are_refused(data):
     raw = valid_file()[2]
     cut = data.draw(st.integers(0, len(raw) - 1))
@@ -102,6 +103,7 @@ def test_truncated_files_are_refused(data):
 
 @SETTINGS
 @given(st.data())
+@pytest.mark.slow  # fuzzing of damaged files
 def test_damaged_header_bytes(data):
     raw = bytearray(valid_file()[2])
     header_len = int.from_bytes(raw[:8], "little") + 8
@@ -113,6 +115,7 @@ def test_damaged_header_bytes(data):
 
 @SETTINGS
 @given(st.binary(max_size=200))
+@pytest.mark.slow  # fuzzing of damaged files
 def test_random_bytes(blob):
     try_load(blob, must_fail=True)
 
@@ -124,6 +127,7 @@ OK_DTYPES = [torch.float16, torch.bfloat16, torch.float64]
 
 @SETTINGS
 @given(st.data())
+@pytest.mark.slow  # fuzzing of damaged files
 def test_tensor_damage(data):
     tensors, meta, _ = valid_file()
     tensors = dict(tensors)
@@ -156,6 +160,7 @@ def test_tensor_damage(data):
 # ---- metadata-level damage ----------------------------------------------------------------------------
 @SETTINGS
 @given(st.data())
+@pytest.mark.slow  # fuzzing of damaged files
 def test_metadata_damage(data):
     tensors, meta, _ = valid_file()
     meta = dict(meta)
@@ -174,8 +179,10 @@ def test_metadata_damage(data):
 
 
 @SETTINGS
-@given(st.sampled_from(["base_model", "adapter_config", "format_version"]), st.text(max_size=12) | json_values.map(
-    json.dumps))
+@given(
+    st.sampled_from(["base_model", "adapter_config", "format_version"]),
+    st.text(max_size=12) | json_values.map(json.dumps),
+)
 def test_adapter_info_on_damaged_metadata(key, value):
     """``diffusion-oft info`` reads untrusted files too: an answer or a one-line AdapterFileError."""
     tensors, meta, _ = valid_file()
@@ -195,6 +202,7 @@ CONFIG_FIELDS = list(do.AdapterConfig().to_dict()) + ["unknown_field"]
 
 @SETTINGS
 @given(st.data())
+@pytest.mark.slow  # fuzzing of damaged files
 def test_config_fields_of_wrong_types(data):
     """Valid JSON, but the wrong value or type in one field of the component's config."""
     tensors, meta, _ = valid_file()
@@ -206,6 +214,7 @@ def test_config_fields_of_wrong_types(data):
 
 @SETTINGS
 @given(json_values)
+@pytest.mark.slow  # fuzzing of damaged files
 def test_adapter_config_of_the_wrong_shape(value):
     tensors, meta, _ = valid_file()
     try_load(file_bytes(tensors, {**meta, "adapter_config": json.dumps(value)}), must_fail=True)
@@ -225,8 +234,13 @@ def test_named_cases_give_clear_one_line_errors():
         "config str": (file_bytes(tensors, {**meta, "adapter_config": '{"unet": "oft"}'}), "bad adapter_config"),
         "no component": (file_bytes(tensors, {**meta, "adapter_config": "{}"}), "lists no component"),
         "int field": (
-            file_bytes(tensors, {**meta, "adapter_config": meta["adapter_config"].replace('"neumann_terms": 5',
-                                                                                          '"neumann_terms": "5"')}),
+            file_bytes(
+                tensors,
+                {
+                    **meta,
+                    "adapter_config": meta["adapter_config"].replace('"neumann_terms": 5', '"neumann_terms": "5"'),
+                },
+            ),
             "bad adapter_config",
         ),
         "nan": (file_bytes({**tensors, KEY: tensors[KEY] * float("nan")}, meta), "NaN or inf"),

@@ -19,6 +19,8 @@ from diffusion_oft.tiny import save_tiny_sd
 from diffusion_oft.training.checkpoints import checkpoint_problem, list_checkpoints, resolve_checkpoint
 from diffusion_oft.training.dreambooth import main as train_main
 
+pytestmark = pytest.mark.slow  # interruption
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Runs the DreamBooth trainer and SIGKILLs its own process at a chosen point (no cleanup runs).
@@ -56,11 +58,33 @@ def setup(tmp_path_factory):
 
     def argv(out: Path, *extra: str) -> list[str]:
         return [
-            "--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(data),
-            "--instance_prompt", "a photo of sks disc", "--output_dir", str(out), "--resolution", "16",
-            "--report_to", "none", "--max_train_steps", "8", "--checkpointing_steps", "2",
-            "--checkpoints_total_limit", "2", "--seed", "11", "--learning_rate", "1e-2",
-            "--lr_scheduler", "cosine", "--lr_warmup_steps", "2", *extra,
+            "--pretrained_model_name_or_path",
+            str(model),
+            "--instance_data_dir",
+            str(data),
+            "--instance_prompt",
+            "a photo of sks disc",
+            "--output_dir",
+            str(out),
+            "--resolution",
+            "16",
+            "--report_to",
+            "none",
+            "--max_train_steps",
+            "8",
+            "--checkpointing_steps",
+            "2",
+            "--checkpoints_total_limit",
+            "2",
+            "--seed",
+            "11",
+            "--learning_rate",
+            "1e-2",
+            "--lr_scheduler",
+            "cosine",
+            "--lr_warmup_steps",
+            "2",
+            *extra,
         ]
 
     reference = root / "reference"
@@ -70,8 +94,9 @@ def setup(tmp_path_factory):
 
 def run_killed(script: Path, where: str, step: int, argv: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, str(script), where, str(step), *argv], capture_output=True, text=True,
-                          env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(script), where, str(step), *argv], capture_output=True, text=True, env=env, timeout=300
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     return proc
 
@@ -121,7 +146,8 @@ def test_torn_checkpoints_are_detected_and_skipped(tmp_path, capsys):
     torn = {
         "checkpoint-4": lambda p: (p / "optimizer.safetensors").unlink(),  # the optimizer state missing
         "checkpoint-6": lambda p: (p / "adapter.safetensors").write_bytes(
-            (p / "adapter.safetensors").read_bytes()[:-3]),  # truncated adapter
+            (p / "adapter.safetensors").read_bytes()[:-3]
+        ),  # truncated adapter
         "checkpoint-8": lambda p: (p / "training_state.json").write_bytes(b""),  # zero-byte file
         "checkpoint-10": lambda p: (p / "adapter.safetensors").write_bytes(b"garbage!" * 4),  # bad header
     }
@@ -159,8 +185,11 @@ def test_resuming_never_unpickles(setup, capsys):
     run_killed(script, "between", 5, argv(out))  # checkpoint-2 and checkpoint-4 on disk
     checkpoint = out / "checkpoint-4"
     assert not list(checkpoint.rglob("*.pkl")) and not list(checkpoint.rglob("*.bin"))
-    assert {p.name for p in checkpoint.iterdir()} >= {"adapter.safetensors", "optimizer.safetensors",
-                                                      "training_state.json"}
+    assert {p.name for p in checkpoint.iterdir()} >= {
+        "adapter.safetensors",
+        "optimizer.safetensors",
+        "training_state.json",
+    }
     legacy_out = root / "hostile-legacy"
     shutil.copytree(out / "checkpoint-2", legacy_out / "checkpoint-2")
     hostile = root / "hostile.py"

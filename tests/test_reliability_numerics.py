@@ -141,13 +141,32 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_p
 
     monkeypatch.setattr(DreamBoothTrainer, "compute_loss", poisoned)
     argv = [
-        "--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(data),
-        "--instance_prompt", "a photo of sks disc", "--output_dir", str(out), "--resolution", "16",
-        "--report_to", "none", "--max_train_steps", "6", "--checkpointing_steps", "2", "--seed", "3",
-        "--learning_rate", "1e-3",
+        "--pretrained_model_name_or_path",
+        str(model),
+        "--instance_data_dir",
+        str(data),
+        "--instance_prompt",
+        "a photo of sks disc",
+        "--output_dir",
+        str(out),
+        "--resolution",
+        "16",
+        "--report_to",
+        "none",
+        "--max_train_steps",
+        "6",
+        "--checkpointing_steps",
+        "2",
+        "--seed",
+        "3",
+        "--learning_rate",
+        "1e-3",
     ]
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at step 4.*last good checkpoint is .*"
-                                                 r"checkpoint-2.*--resume_from_checkpoint latest") as info:
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"non-finite loss \(nan\) at step 4.*last good checkpoint is .*"
+        r"checkpoint-2.*--resume_from_checkpoint latest",
+    ) as info:
         train_main(argv)
     assert "\n" not in str(info.value)
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]

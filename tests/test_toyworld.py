@@ -15,6 +15,8 @@ from diffusion_oft.toyworld import judge, world
 from diffusion_oft.toyworld.components import RARE_TOKENS, WORDS, make_tokenizer
 from diffusion_oft.toyworld.datasets import SUBJECT_PROMPT, write_control_dataset, write_subject_dataset
 
+pytestmark = pytest.mark.slow  # the toy world
+
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 TOY_SD = ASSETS / "toy-sd"
 MAIN_JOB_STEPS, MAIN_JOB_LR = 60, 1e-3  # a shortened README main job (README, Quick start: 200 steps)
@@ -24,8 +26,11 @@ def test_judge_reads_every_rendered_scene_exactly():
     rng = random.Random(123)
     scenes = [world.sample_scene(rng) for _ in range(300)]
     readings = [judge.read_image(world.render(s)) for s in scenes]
-    wrong = [(s, r.shape, r.colour, r.background) for s, r in zip(scenes, readings, strict=True)
-             if (r.shape, r.colour, r.background) != (s.shape, s.colour, s.background)]
+    wrong = [
+        (s, r.shape, r.colour, r.background)
+        for s, r in zip(scenes, readings, strict=True)
+        if (r.shape, r.colour, r.background) != (s.shape, s.colour, s.background)
+    ]
     assert not wrong, wrong[:3]
     targets = [(s.shape, s.colour, s.background) for s in scenes]
     assert judge.judge_in_world([world.render(s) for s in scenes[:20]], targets[:20])["in_world"] == 1.0
@@ -94,8 +99,10 @@ def test_shipped_datasets_are_reproducible_from_their_seeds(tmp_path):
     assert (tmp_path / "control" / "metadata.jsonl").read_text() == (ASSETS / "control" / "metadata.jsonl").read_text()
     row = json.loads((ASSETS / "control" / "metadata.jsonl").read_text().splitlines()[7])
     for key in ("image", "conditioning_image"):
-        assert np.array_equal(np.asarray(Image.open(tmp_path / "control" / row[key])),
-                              np.asarray(Image.open(ASSETS / "control" / row[key])))
+        assert np.array_equal(
+            np.asarray(Image.open(tmp_path / "control" / row[key])),
+            np.asarray(Image.open(ASSETS / "control" / row[key])),
+        )
     assert SUBJECT_PROMPT == "a sks toy on a white background"
 
 
@@ -112,8 +119,10 @@ def test_stage_two_widens_the_vocabulary_but_never_shows_the_subject():
     assert not any(world.SUBJECT_TOKEN in world.caption(s).split() for s in scenes)
     plain = [s for s in scenes if s.colour != "striped"][:200]
     readings = [judge.read_image(world.render(s)) for s in plain]  # the judge reads the new vocabulary too
-    assert all((r.shape, r.colour, r.background) == (s.shape, s.colour, s.background)
-               for s, r in zip(plain, readings, strict=True))
+    assert all(
+        (r.shape, r.colour, r.background) == (s.shape, s.colour, s.background)
+        for s, r in zip(plain, readings, strict=True)
+    )
 
 
 def test_pretraining_script_runs_resumes_and_writes_a_diffusers_folder(tmp_path):
@@ -121,8 +130,16 @@ def test_pretraining_script_runs_resumes_and_writes_a_diffusers_folder(tmp_path)
 
     from diffusion_oft.toyworld.pretrain import pretrain
 
-    kwargs = dict(dataset_size=16, vae_steps=2, vae_batch_size=2, batch_size=2, lr=1e-4, judge_seeds=(0,),
-                  judge_steps=2, save_every=2)
+    kwargs = dict(
+        dataset_size=16,
+        vae_steps=2,
+        vae_batch_size=2,
+        batch_size=2,
+        lr=1e-4,
+        judge_seeds=(0,),
+        judge_steps=2,
+        save_every=2,
+    )
     with pytest.raises(KeyboardInterrupt):  # interrupted after the step-2 state was written
         pretrain(tmp_path / "a", unet_steps=4, stop_after=3, **kwargs)
     assert (tmp_path / "a" / ".pretrain-state.pt").is_file()
@@ -182,17 +199,44 @@ def test_dreambooth_on_the_toy_model_reports_the_judge_and_keeps_the_world(tmp_p
     """A shortened README main job (prior preservation with the captioned assets/prior images): the
     judge's figures are written for base model and adapter, and in-world prompts keep working.
     (How far the star is learnt is the README main job's figure, at 200 steps; 60 steps here.)"""
+    from diffusion_oft.toyworld.evaluate import judge_adapter
     from diffusion_oft.training.dreambooth import main as train_main
 
     out = tmp_path / "run"
-    summary = train_main([
-        "--pretrained_model_name_or_path", str(TOY_SD), "--instance_data_dir", str(ASSETS / "subject"),
-        "--instance_prompt", SUBJECT_PROMPT, "--with_prior_preservation", "--class_data_dir", str(ASSETS / "prior"),
-        "--num_class_images", "24", "--resolution", "64", "--output_dir", str(out),
-        "--max_train_steps", str(MAIN_JOB_STEPS), "--learning_rate", str(MAIN_JOB_LR), "--train_batch_size", "4",
-        "--block_size", "32",
-        "--validation_steps", "100000", "--report_to", "none", "--judge", "toyworld",
-    ])
+    summary = train_main(
+        [
+            "--pretrained_model_name_or_path",
+            str(TOY_SD),
+            "--instance_data_dir",
+            str(ASSETS / "subject"),
+            "--instance_prompt",
+            SUBJECT_PROMPT,
+            "--with_prior_preservation",
+            "--class_data_dir",
+            str(ASSETS / "prior"),
+            "--num_class_images",
+            "24",
+            "--resolution",
+            "64",
+            "--output_dir",
+            str(out),
+            "--max_train_steps",
+            str(MAIN_JOB_STEPS),
+            "--learning_rate",
+            str(MAIN_JOB_LR),
+            "--train_batch_size",
+            "4",
+            "--block_size",
+            "32",
+            "--validation_steps",
+            "100000",
+            "--report_to",
+            "none",
+            "--judge",
+            "toyworld",
+        ],
+        judge=judge_adapter,
+    )
     scores = json.loads((out / "judge.json").read_text())
     assert scores == summary["judge"]
     base, adapted = scores["base model"], scores["with the adapter"]
@@ -206,9 +250,22 @@ def test_judge_flag_needs_64_pixel_images(tmp_path):
     from diffusion_oft.training.dreambooth import main as train_main
 
     with pytest.raises(ValueError, match="--resolution 64"):
-        train_main(["--pretrained_model_name_or_path", str(TOY_SD), "--instance_data_dir", str(ASSETS / "subject"),
-                    "--instance_prompt", SUBJECT_PROMPT, "--resolution", "32", "--output_dir", str(tmp_path / "o"),
-                    "--judge", "toyworld"])
+        train_main(
+            [
+                "--pretrained_model_name_or_path",
+                str(TOY_SD),
+                "--instance_data_dir",
+                str(ASSETS / "subject"),
+                "--instance_prompt",
+                SUBJECT_PROMPT,
+                "--resolution",
+                "32",
+                "--output_dir",
+                str(tmp_path / "o"),
+                "--judge",
+                "toyworld",
+            ]
+        )
 
 
 def test_captioned_class_images_replace_the_class_prompt(tmp_path):
@@ -223,9 +280,21 @@ def test_captioned_class_images_replace_the_class_prompt(tmp_path):
         shipped = ASSETS / "prior" / path.name
         assert np.array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(shipped)))
         assert path.with_suffix(".txt").read_text() == shipped.with_suffix(".txt").read_text()
-    common = ["--pretrained_model_name_or_path", "unused", "--instance_data_dir", str(ASSETS / "subject"),
-              "--instance_prompt", SUBJECT_PROMPT, "--resolution", "64", "--output_dir", str(tmp_path / "o"),
-              "--with_prior_preservation", "--num_class_images", "24"]
+    common = [
+        "--pretrained_model_name_or_path",
+        "unused",
+        "--instance_data_dir",
+        str(ASSETS / "subject"),
+        "--instance_prompt",
+        SUBJECT_PROMPT,
+        "--resolution",
+        "64",
+        "--output_dir",
+        str(tmp_path / "o"),
+        "--with_prior_preservation",
+        "--num_class_images",
+        "24",
+    ]
     finalize_args(dreambooth_parser().parse_args(common + ["--class_data_dir", str(ASSETS / "prior")]))
     (tmp_path / "prior" / "prior_03.txt").unlink()  # one image without a caption: a class prompt is needed
     with pytest.raises(ValueError, match="--class_prompt"):
@@ -233,8 +302,7 @@ def test_captioned_class_images_replace_the_class_prompt(tmp_path):
     data = DreamBoothDataset(list_images(ASSETS / "subject", "x"), 64, True, 0, list_images(ASSETS / "prior", "x"))
     batch = collate_dreambooth([data[(i, 0)] for i in range(3)])
     assert batch["num_instance"] == 3 and batch["pixel_values"].shape[0] == 6
-    assert batch["class_captions"] == [(ASSETS / "prior" / f"prior_{i:02d}.txt").read_text().strip()
-                                       for i in range(3)]
+    assert batch["class_captions"] == [(ASSETS / "prior" / f"prior_{i:02d}.txt").read_text().strip() for i in range(3)]
 
 
 def test_captioned_instance_images_train_with_their_own_caption(tmp_path):

@@ -18,6 +18,8 @@ from diffusion_oft.cli import main as cli_main
 from diffusion_oft.tiny import save_tiny_sd
 from diffusion_oft.training.dreambooth import main as train_main
 
+pytestmark = pytest.mark.slow  # end to end: the training script
+
 REPO = Path(__file__).resolve().parents[1]
 RES = 16
 PROMPT = "a photo of sks disc"
@@ -26,9 +28,23 @@ VALIDATION_PROMPT = "a photo of sks disc in a bucket"  # not the instance prompt
 
 def base_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
     return [
-        "--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(data),
-        "--instance_prompt", PROMPT, "--output_dir", str(out), "--resolution", str(RES),
-        "--num_inference_steps", "2", "--num_validation_images", "1", "--report_to", "none", *extra,
+        "--pretrained_model_name_or_path",
+        str(model),
+        "--instance_data_dir",
+        str(data),
+        "--instance_prompt",
+        PROMPT,
+        "--output_dir",
+        str(out),
+        "--resolution",
+        str(RES),
+        "--num_inference_steps",
+        "2",
+        "--num_validation_images",
+        "1",
+        "--report_to",
+        "none",
+        *extra,
     ]
 
 
@@ -41,11 +57,33 @@ def workspace(tmp_path_factory):
 
 
 E2E_FLAGS = [
-    "--with_prior_preservation", "--class_prompt", "a photo of a disc", "--num_class_images", "2",
-    "--sample_batch_size", "2", "--class_inference_steps", "2", "--max_train_steps", "20",
-    "--learning_rate", "1e-2", "--lr_scheduler", "cosine", "--lr_warmup_steps", "3",
-    "--checkpointing_steps", "5", "--checkpoints_total_limit", "3",
-    "--validation_prompt", VALIDATION_PROMPT, "--validation_steps", "10", "--seed", "7",
+    "--with_prior_preservation",
+    "--class_prompt",
+    "a photo of a disc",
+    "--num_class_images",
+    "2",
+    "--sample_batch_size",
+    "2",
+    "--class_inference_steps",
+    "2",
+    "--max_train_steps",
+    "20",
+    "--learning_rate",
+    "1e-2",
+    "--lr_scheduler",
+    "cosine",
+    "--lr_warmup_steps",
+    "3",
+    "--checkpointing_steps",
+    "5",
+    "--checkpoints_total_limit",
+    "3",
+    "--validation_prompt",
+    VALIDATION_PROMPT,
+    "--validation_steps",
+    "10",
+    "--seed",
+    "7",
 ]
 
 
@@ -132,10 +170,22 @@ def test_sdxl_with_text_encoder_adapters(tmp_path):
     model = save_tiny_sd(tmp_path / "tiny-sdxl", sdxl=True)
     data = make_subject_images(tmp_path / "subject", n=2)
     out = tmp_path / "out"
-    result = train_main(base_args(
-        model, data, out, "--train_text_encoder", "--block_size", "4", "--max_train_steps", "4",
-        "--learning_rate", "5e-2", "--checkpointing_steps", "100",
-    ))
+    result = train_main(
+        base_args(
+            model,
+            data,
+            out,
+            "--train_text_encoder",
+            "--block_size",
+            "4",
+            "--max_train_steps",
+            "4",
+            "--learning_rate",
+            "5e-2",
+            "--checkpointing_steps",
+            "100",
+        )
+    )
     assert result["global_step"] == 4
     info = do.adapter_info(out / "adapter.safetensors")
     assert set(info["components"]) == {"unet", "text_encoder", "text_encoder_2"}
@@ -159,10 +209,14 @@ def set_flag(argv: list[str], flag: str, value) -> None:
     [
         (lambda root, a: set_flag(a, "--instance_data_dir", root / "nope"), "no such folder"),
         (lambda root, a: set_flag(a, "--instance_data_dir", root / "empty"), "holds no images"),
-        (lambda root, a: (set_flag(a, "--instance_data_dir", root / "bad"), a.append("--strict")),
-         "notes.txt is not an image"),
-        (lambda root, a: (set_flag(a, "--instance_data_dir", root / "broken"), a.append("--strict")),
-         "not a readable image"),
+        (
+            lambda root, a: (set_flag(a, "--instance_data_dir", root / "bad"), a.append("--strict")),
+            "notes.txt is not an image",
+        ),
+        (
+            lambda root, a: (set_flag(a, "--instance_data_dir", root / "broken"), a.append("--strict")),
+            "not a readable image",
+        ),
         (lambda root, a: a.__setitem__(a.index("--resolution") + 1, "20"), "divisible by 8"),
         (lambda root, a: a.extend(["--block_size", "5"]), "block sizes that work for 32: [2, 4, 8, 16, 32]"),
         (lambda root, a: a.append("--with_prior_preservation"), "needs --class_data_dir"),
@@ -188,6 +242,14 @@ def test_help_lists_diffusers_flags():
     from diffusion_oft.training.args import dreambooth_parser
 
     out = dreambooth_parser().format_help()
-    for flag in ("--pretrained_model_name_or_path", "--with_prior_preservation", "--snr_gamma", "--use_8bit_adam",
-                 "--resume_from_checkpoint", "--method", "--n_butterfly_factors", "--attention"):
+    for flag in (
+        "--pretrained_model_name_or_path",
+        "--with_prior_preservation",
+        "--snr_gamma",
+        "--use_8bit_adam",
+        "--resume_from_checkpoint",
+        "--method",
+        "--n_butterfly_factors",
+        "--attention",
+    ):
         assert flag in out

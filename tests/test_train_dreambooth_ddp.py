@@ -13,6 +13,8 @@ from training_helpers import make_subject_images, read_tensors
 
 from diffusion_oft.tiny import save_tiny_sd
 
+pytestmark = pytest.mark.slow  # DDP
+
 RANK_SCRIPT = """
 import sys
 from pathlib import Path
@@ -41,13 +43,43 @@ def test_two_cpu_processes_end_with_the_same_adapter(tmp_path):
     script.write_text(RANK_SCRIPT)
     env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONPATH=str(Path.cwd()))
     cmd = [
-        "accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(dump),
-        "--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(data),
-        "--instance_prompt", "a photo of sks disc", "--output_dir", str(out), "--resolution", "16",
-        "--max_train_steps", "6", "--learning_rate", "1e-2", "--checkpointing_steps", "3",
-        "--num_inference_steps", "2", "--num_validation_images", "1", "--report_to", "none",
-        "--gradient_accumulation_steps", "2",
+        "accelerate",
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(script),
+        str(dump),
+        "--pretrained_model_name_or_path",
+        str(model),
+        "--instance_data_dir",
+        str(data),
+        "--instance_prompt",
+        "a photo of sks disc",
+        "--output_dir",
+        str(out),
+        "--resolution",
+        "16",
+        "--max_train_steps",
+        "6",
+        "--learning_rate",
+        "1e-2",
+        "--checkpointing_steps",
+        "3",
+        "--num_inference_steps",
+        "2",
+        "--num_validation_images",
+        "1",
+        "--report_to",
+        "none",
+        "--gradient_accumulation_steps",
+        "2",
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -90,8 +90,12 @@ def test_checkpoint_pruning_and_latest(tmp_path):
         for name in ("optimizer.safetensors", "training_state.json"):  # a complete checkpoint's files
             (tmp_path / f"checkpoint-{step}" / name).write_bytes(b"x")
     (tmp_path / "checkpoint-x").mkdir()
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-5", "checkpoint-10", "checkpoint-20",
-                                                            "checkpoint-100"]
+    assert [p.name for p in list_checkpoints(tmp_path)] == [
+        "checkpoint-5",
+        "checkpoint-10",
+        "checkpoint-20",
+        "checkpoint-100",
+    ]
     assert resolve_checkpoint(tmp_path, "latest").name == "checkpoint-100"
     assert resolve_checkpoint(tmp_path, "checkpoint-10").name == "checkpoint-10"
     with pytest.raises(ValueError, match="no such checkpoint"):
@@ -103,13 +107,25 @@ def test_checkpoint_pruning_and_latest(tmp_path):
 
 @pytest.mark.parametrize(
     "method, lr, structure",
-    [("oft", 6e-5, {"num_blocks": 4}), ("boft", 3e-5, {"num_blocks": 8, "n_butterfly_factors": 2}),
-     ("ether", 6e-3, {"num_blocks": 4}), ("ether_plus", 6e-3, {"num_blocks": 4})],
+    [
+        ("oft", 6e-5, {"num_blocks": 4}),
+        ("boft", 3e-5, {"num_blocks": 8, "n_butterfly_factors": 2}),
+        ("ether", 6e-3, {"num_blocks": 4}),
+        ("ether_plus", 6e-3, {"num_blocks": 4}),
+    ],
 )
 def test_per_method_defaults(tmp_path, method, lr, structure):
     make_subject_images(tmp_path / "s", n=1)
-    argv = ["--pretrained_model_name_or_path", "x", "--instance_data_dir", str(tmp_path / "s"),
-            "--instance_prompt", "p", "--method", method]
+    argv = [
+        "--pretrained_model_name_or_path",
+        "x",
+        "--instance_data_dir",
+        str(tmp_path / "s"),
+        "--instance_prompt",
+        "p",
+        "--method",
+        method,
+    ]
     args = targs.finalize_args(targs.dreambooth_parser().parse_args(argv), "dreambooth")
     assert args.learning_rate == lr and args.max_train_steps >= 1000
     config = targs.adapter_config_from_args(args)

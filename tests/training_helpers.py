@@ -51,7 +51,11 @@ def fixed_batch_loss(pipe, images_dir: Path, prompt: str, resolution: int, n_dra
 
 def generate(pipe, prompt: str, resolution: int, seed: int = 0, steps: int = 3) -> np.ndarray:
     out = pipe(
-        prompt, num_inference_steps=steps, height=resolution, width=resolution, output_type="np",
+        prompt,
+        num_inference_steps=steps,
+        height=resolution,
+        width=resolution,
+        output_type="np",
         generator=torch.Generator().manual_seed(seed),
     ).images
     return np.asarray(out)

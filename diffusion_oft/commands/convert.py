@@ -13,6 +13,7 @@ import warnings
 
 from ..convert import FORMATS, NEEDS_MODEL
 from ..convert.lora import DEFAULT_MAX_ERROR
+from . import CommandError
 
 # What each client does with each export, as measured on their code (see README, "Use it elsewhere").
 CLIENT_NOTES = """client notes (measured on ComfyUI 0.3.64, A1111 before and from 1.9, diffusers 0.42):
@@ -84,7 +85,6 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..cli import CommandError
     from ..convert import ConversionWarning, convert
 
     if args.to in NEEDS_MODEL and not args.model:

@@ -12,9 +12,12 @@ from pathlib import Path
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("demo", help="train, save and reload an adapter on a built-in tiny model (offline)")
-    p.add_argument("--method", default="oft", choices=["oft", "boft", "ether", "ether_plus"])
+    from ..methods import METHOD_REGISTRY
+
+    lrs = ", ".join(f"{n} {cls.training_defaults['demo']['learning_rate']:g}" for n, cls in METHOD_REGISTRY.items())
+    p.add_argument("--method", default="oft", choices=list(METHOD_REGISTRY))
     p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--learning_rate", type=float, default=None, help="default: 1e-2 (ether: 6e-3)")
+    p.add_argument("--learning_rate", type=float, default=None, help=f"default per method: {lrs}")
     p.add_argument("--output_dir", default="diffusion-oft-demo")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
@@ -41,6 +44,7 @@ def run(args) -> int:
     import torch.nn.functional as F
 
     import diffusion_oft as do
+    from diffusion_oft.methods import get_method_class
     from diffusion_oft.tiny import tiny_sd_pipeline
 
     out = Path(args.output_dir)
@@ -48,7 +52,11 @@ def run(args) -> int:
     torch.manual_seed(args.seed)
     pipe = tiny_sd_pipeline(seed=args.seed)
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
-    config = do.AdapterConfig(method=args.method, **({"block_size": 8} if args.method == "oft" else {}))
+    # The tiny UNet's widths (32, 64) take the method's demo structure where its library default does not fit.
+    demo = dict(get_method_class(args.method).training_defaults["demo"])
+    lr = args.learning_rate or demo.pop("learning_rate")
+    demo.pop("learning_rate", None)
+    config = do.AdapterConfig(method=args.method, **demo)
     do.add_adapter(unet, config)
     print(
         f"{args.method}: {do.count_adapter_parameters(unet):,} trainable parameters on "
@@ -61,7 +69,6 @@ def run(args) -> int:
         latents = vae.encode(images).latent_dist.mean * vae.config.scaling_factor
         ids = tokenizer([prompt] * len(images), padding="max_length", return_tensors="pt").input_ids
         text = text_encoder(ids)[0]
-    lr = args.learning_rate or (6e-3 if args.method == "ether" else 1e-2)
     optimizer = torch.optim.AdamW(do.adapter_parameters(unet), lr=lr, weight_decay=0.0)
     scheduler = pipe.scheduler
     unet.train()

@@ -19,6 +19,9 @@ import sys
 import types
 from pathlib import Path
 
+from ..files import one_line
+from . import CommandError
+
 # Short names for common schedulers; any diffusers scheduler class name is accepted too.
 SCHEDULERS: dict[str, tuple[str, dict]] = {
     "ddim": ("DDIMScheduler", {}),
@@ -72,11 +75,19 @@ def register(subparsers) -> None:
     p.add_argument("--negative_prompt", default=None)
     p.add_argument("--num_images", type=int, default=4)
     p.add_argument("--steps", type=int, default=30, help="denoising steps")
-    p.add_argument("--guidance_scale", type=float, default=None,
-                   help="classifier-free guidance (FLUX.1-dev: its guidance embedding); default: the pipeline's "
-                        "own (SD 7.5, SD3 7.0, Flux 3.5)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the first image (image i uses seed + i; default 0; -1: a random seed, printed)")
+    p.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=None,
+        help="classifier-free guidance (FLUX.1-dev: its guidance embedding); default: the pipeline's "
+        "own (SD 7.5, SD3 7.0, Flux 3.5)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the first image (image i uses seed + i; default 0; -1: a random seed, printed)",
+    )
     p.add_argument("--height", type=int, default=None, help="default: the model's size")
     p.add_argument("--width", type=int, default=None, help="default: the model's size")
     p.add_argument(
@@ -108,7 +119,6 @@ def register(subparsers) -> None:
 
 def check_args(args) -> None:
     """Every check that can run before the model is loaded (raises ValueError, one line)."""
-    from ..cli import CommandError
 
     if not args.prompt.strip():
         raise CommandError("--prompt is empty")
@@ -187,8 +197,6 @@ def scheduler_class(name: str):
     """(diffusers scheduler class, extra config) for a short name or a class name."""
     import diffusers
 
-    from ..cli import CommandError
-
     class_name, extra = SCHEDULERS.get(name.lower(), (name, {}))
     cls = getattr(diffusers, class_name, None) if class_name.endswith("Scheduler") else None
     if cls is None:
@@ -213,7 +221,6 @@ def resolve_device_and_dtype(args):
 
 def load_pipeline(args, dtype):
     """The text-to-image pipeline of --model (the controllable one when --control_image is given)."""
-    from ..cli import CommandError
 
     if args.control_image:
         return load_control_pipeline(args, dtype)
@@ -222,7 +229,7 @@ def load_pipeline(args, dtype):
     try:
         return AutoPipelineForText2Image.from_pretrained(args.model_path, **dtype_kwarg(dtype))
     except Exception as err:  # hub, config and class errors of many kinds
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        reason = one_line(err, first=True)
         raise CommandError(f"could not load --model {args.model}: {reason}") from None
 
 
@@ -238,19 +245,18 @@ def dtype_kwarg(dtype) -> dict:
 def load_control_pipeline(args, dtype):
     """The controllable pipeline of --model with the condition encoder paired with ``args.control_adapter``
     (the adapters themselves, that one included, are loaded by ``run`` like any others)."""
-    from ..cli import CommandError
     from ..control import load_paired_encoder
     from ..pipelines.stable_diffusion_control import OrthoStableDiffusionControlPipeline
 
     try:
         pipe = OrthoStableDiffusionControlPipeline.from_pretrained(args.model_path, **dtype_kwarg(dtype))
     except Exception as err:  # hub, config and class errors of many kinds
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        reason = one_line(err, first=True)
         raise CommandError(f"could not load --model {args.model} as a controllable pipeline: {reason}") from None
     try:
         pipe.set_condition_encoder(load_paired_encoder(args.control_adapter, unet=pipe.unet))
     except (OSError, ValueError) as err:
-        raise CommandError(f"--adapter {args.control_adapter}: {str(err).splitlines()[0]}") from None
+        raise CommandError(f"--adapter {args.control_adapter}: {one_line(err, first=True)}") from None
     return pipe
 
 
@@ -272,7 +278,6 @@ def control_call_kwargs(args, pipe, index: int = 0) -> dict:
 
 
 def set_scheduler(pipe, name: str) -> str:
-    from ..cli import CommandError
 
     cls, extra = scheduler_class(name)
     compatible = {c.__name__ for c in getattr(pipe.scheduler, "compatibles", [])} | {type(pipe.scheduler).__name__}
@@ -313,7 +318,6 @@ def run(args) -> int:
     import torch
 
     from .. import inference
-    from ..cli import CommandError
 
     device, dtype = resolve_device_and_dtype(args)
     pipe = load_pipeline(args, dtype)
@@ -329,7 +333,7 @@ def run(args) -> int:
         try:
             pipe.enable_model_cpu_offload(device=None if args.device == "auto" else args.device)
         except (RuntimeError, ImportError, ValueError) as err:
-            raise CommandError(f"--cpu_offload: {str(err).splitlines()[0]}") from None
+            raise CommandError(f"--cpu_offload: {one_line(err, first=True)}") from None
     else:
         pipe.to(device)
 

@@ -20,6 +20,7 @@ def run(args) -> int:
     from ..convert.lora import lora_file_info
     from ..files import adapter_info
     from ..inference import base_model_hints
+    from ..methods import get_method_class
 
     lora = lora_file_info(args.file)
     if lora is not None:
@@ -35,8 +36,9 @@ def run(args) -> int:
     for comp, data in info["components"].items():
         cfg = data["config"]
         structure = f"block_size={cfg['block_size']}" if cfg["block_size"] else f"num_blocks={cfg['num_blocks']}"
-        if cfg["method"] == "boft":
-            structure += f", n_butterfly_factors={cfg['n_butterfly_factors']}"
+        for name in get_method_class(cfg["method"]).exclusive_fields:  # the fields only this method reads
+            if cfg.get(name) is not None:
+                structure += f", {name}={cfg[name]}"
         base = data["base_model"]
         print(f"  {comp}: {cfg['method']} ({structure}, side={cfg['side']}, cayley={cfg['cayley_mode']})")
         print(

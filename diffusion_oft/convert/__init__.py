@@ -8,8 +8,8 @@
 * ``lora`` / ``kohya-lora``: the weight change as a LoRA (diffusers' / kohya's layout), exact for
   ETHER / ETHER+, a truncated SVD for OFT / BOFT (``rank`` / ``max_error``); needs the base model.
 
-``read_adapter(path)`` detects the format from the keys; ``load_adapter`` (diffusion_oft.files)
-uses it, so PEFT and kohya/LyCORIS files load directly.
+``read_adapter(path)`` detects the format from the keys; it is registered as a reader of
+``diffusion_oft.files`` (``register_reader``), so ``load_adapter`` loads PEFT and kohya/LyCORIS files directly.
 """
 
 from __future__ import annotations
@@ -25,14 +25,24 @@ from ..files import (
     COMPONENT_NAMES,
     FORMAT_NAME,
     AdapterFileError,
-    _load_tensors,
-    default_component_name,
     is_pipeline,
+    pipeline_components,
     read_adapter_file,
+    register_reader,
 )
-from .common import ConversionError, ConversionWarning, NativeAdapter, linear_dims, read_native, save_native
+from ..methods import METHOD_REGISTRY
+from .common import (
+    ConversionError,
+    ConversionWarning,
+    NativeAdapter,
+    linear_dims,
+    load_native,
+    read_native,
+    save_native,
+)
 from .full import write_diff, write_merged
-from .kohya import is_kohya_key, kohya_key_names, kohya_name, kohya_to_native, write_kohya
+from .kohya import kohya_to_native, write_kohya
+from .kohya_names import is_kohya_key, kohya_key_names, kohya_name
 from .lora import lora_layout, lora_refusal, write_lora
 from .peft import WEIGHTS_NAME, is_peft_key, native_to_peft, peft_to_native, read_peft
 
@@ -69,7 +79,8 @@ def detect_format(keys, metadata: dict[str, str] | None = None) -> str:
         return "peft"
     sample = next((k for k in keys if not is_kohya_key(k) and not is_peft_key(k)), keys[0])
     hint = ""
-    if sample.rpartition(".")[2] in ("skew", "u_in", "u_out", "v_in", "v_out", "magnitude"):
+    ours = {"magnitude"}.union(*(cls.tensor_names for cls in METHOD_REGISTRY.values()))
+    if sample.rpartition(".")[2] in ours:
         hint = " (diffusion-oft tensor names, but the file's metadata is missing)"
     raise AdapterFileError(
         f"not a diffusion-oft adapter, nor a PEFT or kohya/LyCORIS OFT/BOFT file: key {sample!r}{hint}"
@@ -77,16 +88,14 @@ def detect_format(keys, metadata: dict[str, str] | None = None) -> str:
 
 
 def _candidates(target: Any, component: str | None) -> dict[str, nn.Module] | None:
+    """The models an adapter file may be for: a pipeline's adapter-carrying kinds of component, in
+    ``COMPONENT_NAMES`` order (``files.pipeline_components``), or the one model."""
     if target is None:
         return None
-    if is_pipeline(target):
-        found = {}
-        for comp in COMPONENT_NAMES:
-            module = getattr(target, comp, None)
-            if isinstance(module, nn.Module):
-                found[comp] = module
+    found = pipeline_components(target, component, adapted=False)
+    if not is_pipeline(target):
         return found
-    return {component or default_component_name(target): target}
+    return {c: m for kind in COMPONENT_NAMES for c, m in found.items() if c == kind or c.startswith(kind + ".nets.")}
 
 
 def read_adapter(path: str | os.PathLike, target: Any = None, component: str | None = None) -> NativeAdapter:
@@ -118,15 +127,6 @@ def read_adapter(path: str | os.PathLike, target: Any = None, component: str | N
     return kohya_to_native(tensors, metadata, name, _candidates(target, component), only)
 
 
-def load_native(target: Any, native: NativeAdapter, adapter_name: str = "default", component: str | None = None):
-    """Load a NativeAdapter into a pipeline or model (validated before anything changes)."""
-    configs = dict(native.configs)
-    tensors = native.tensors
-    if not is_pipeline(target) and len(configs) == 1 and component is None:
-        component = next(iter(configs))
-    return _load_tensors(target, tensors, configs, f"{native.source_format} adapter", adapter_name, component)
-
-
 def _layer_dims(target: Any, native: NativeAdapter) -> dict[str, dict[str, tuple[int, int]]]:
     if target is None:
         return {}
@@ -134,6 +134,13 @@ def _layer_dims(target: Any, native: NativeAdapter) -> dict[str, dict[str, tuple
         comps = [c for c in native.configs if isinstance(getattr(target, c, None), nn.Module)]
         return {c: linear_dims(getattr(target, c)) for c in comps}
     return {c: linear_dims(target) for c in native.configs}
+
+
+@register_reader
+def _read_for_loading(path: Path, target: Any, component: str | None) -> tuple[dict, dict]:
+    """``load_adapter``'s reader of PEFT / kohya / LyCORIS adapters (see ``files.FOREIGN_READERS``)."""
+    native = read_adapter(path, target, component)
+    return native.tensors, native.configs
 
 
 def convert(

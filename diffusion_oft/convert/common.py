@@ -7,16 +7,25 @@ file stores them.  Importers (PEFT, kohya/LyCORIS) produce it; exporters consume
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..config import AdapterConfig
-from ..files import AdapterFileError, parse_metadata, read_adapter_file
+from ..files import (
+    AdapterFileError,
+    is_pipeline,
+    load_tensors,
+    parse_metadata,
+    read_adapter_file,
+    write_adapter_file,
+)
 from ..model import find_targets
 
 
@@ -55,8 +64,6 @@ class NativeAdapter:
 def read_native(path: str | os.PathLike) -> NativeAdapter:
     tensors, metadata = read_adapter_file(path)
     configs = parse_metadata(metadata, Path(path).name)
-    import json
-
     base = json.loads(metadata.get("base_model", "{}") or "{}")
     return NativeAdapter(configs, {k: v.float() for k, v in tensors.items()}, "diffusion-oft", base)
 
@@ -140,12 +147,8 @@ def save_native(
     path: str | os.PathLike,
     base_model: dict[str, dict] | None = None,
 ) -> Path:
-    """Write tensors + configs as a diffusion-oft adapter file (what ``save_adapter`` writes)."""
-    import json
-
-    from .. import __version__
-    from ..files import FORMAT_NAME, FORMAT_VERSION, atomic_save_file
-
+    """Write tensors + configs as a diffusion-oft adapter file (``files.write_adapter_file``, the writer
+    of ``save_adapter``), with each component's layer count in its base-model hints."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ConversionError(f"adapter files are .safetensors; got {path.name!r}")
@@ -153,12 +156,12 @@ def save_native(
     for comp in configs:
         keys = [k for k in tensors if k.startswith(comp + ".")]
         base[comp] = {**(base_model or {}).get(comp, {}), "num_layers": len({k.rsplit(".", 1)[0] for k in keys})}
-    metadata = {
-        "format": FORMAT_NAME,
-        "format_version": str(FORMAT_VERSION),
-        "library_version": __version__,
-        "adapter_config": json.dumps({c: cfg.to_dict() for c, cfg in configs.items()}, sort_keys=True),
-        "base_model": json.dumps(base, sort_keys=True),
-    }
-    atomic_save_file({k: v.float().contiguous() for k, v in tensors.items()}, path, metadata)
-    return path
+    return write_adapter_file(tensors, configs, base, path)
+
+
+def load_native(target: Any, native: NativeAdapter, adapter_name: str = "default", component: str | None = None):
+    """Load a NativeAdapter into a pipeline or model (validated before anything changes)."""
+    configs = dict(native.configs)
+    if not is_pipeline(target) and len(configs) == 1 and component is None:
+        component = next(iter(configs))
+    return load_tensors(target, native.tensors, configs, f"{native.source_format} adapter", adapter_name, component)

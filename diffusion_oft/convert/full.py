@@ -10,12 +10,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import __version__
+from .._version import __version__
 from ..attention import uninstall_processors
 from ..files import atomic_save_file, is_pipeline
-from ..model import CONFIGS_ATTR, adapter_configs, named_ortho_layers, remove_adapter
+from ..model import CONFIGS_ATTR, adapter_configs, named_ortho_layers, remove_adapter, replace_submodule
 from .common import ConversionError, NativeAdapter
-from .kohya import kohya_name
+from .kohya_names import kohya_name
 
 TEMP_ADAPTER = "diffusion_oft_convert"
 WIDER = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.float32: torch.float64}
@@ -47,7 +47,7 @@ def native_to_diff(
     native: NativeAdapter, target, dtype: str = "auto"
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """kohya-style ``<name>.diff`` = merged weight - base weight for every adapted layer."""
-    from . import load_native
+    from .common import load_native
 
     load_native(target, native, adapter_name=TEMP_ADAPTER)
     components = list(native.configs)
@@ -85,9 +85,7 @@ def bake(module: nn.Module) -> nn.Module:
     model saves (``save_pretrained``) as an ordinary diffusers / transformers model."""
     for path, layer in named_ortho_layers(module):
         layer.merge()
-        parent_path, _, child = path.rpartition(".")
-        parent = module.get_submodule(parent_path) if parent_path else module
-        setattr(parent, child, layer.base_layer)
+        replace_submodule(module, path, layer.base_layer)
     uninstall_processors(module)
     if hasattr(module, CONFIGS_ATTR):
         setattr(module, CONFIGS_ATTR, {})
@@ -152,7 +150,7 @@ def load_base(model_path: str | os.PathLike, native: NativeAdapter):
 
 def write_merged(native: NativeAdapter, model_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Base model/pipeline + adapter -> a folder ``from_pretrained`` loads, adapter merged in."""
-    from . import load_native
+    from .common import load_native
 
     out_dir = Path(out_dir)
     target = load_base(model_path, native)

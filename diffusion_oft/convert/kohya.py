@@ -1,4 +1,4 @@
-"""kohya / LyCORIS adapter files (read by ComfyUI, A1111, Forge), both ways.
+"""kohya / LyCORIS adapter files (read by ComfyUI, A1111, Forge), both ways: the tensors (names: ``kohya_names``).
 
 Layout: one safetensors file, keys ``<prefix>_<module path with '.' -> '_'>.<param>`` where the
 prefix names the component (``lora_unet``, ``lora_te``; ``lora_te1`` / ``lora_te2`` for SDXL's two
@@ -26,174 +26,32 @@ OFTv2, ``boft_R`` / ``boft_s`` for BOFT); they rotate the input side and are rea
 
 from __future__ import annotations
 
-import functools
 import json
 import os
-import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .. import __version__
+from .._version import __version__
 from ..config import AdapterConfig
 from ..files import AdapterFileError, atomic_save_file
+from ..methods import get_method_class
+from ..methods.base import method_by
 from ..methods.butterfly import butterfly_permutation
 from ..methods.cayley import skew_from_triu, triu_from_skew
 from .common import ConversionError, NativeAdapter, structure_fields, target_fields, warn
-
-# component -> key prefix (text_encoder becomes lora_te1 when a text_encoder_2 is present)
-PREFIXES = {
-    "unet": "lora_unet",
-    "transformer": "lora_transformer",
-    "text_encoder": "lora_te",
-    "text_encoder_2": "lora_te2",
-    "text_encoder_3": "lora_te3",
-    "controlnet": "lora_controlnet",
-}
-# prefix -> component, longest first when matching
-READ_PREFIXES = {
-    "lora_unet": "unet",
-    "lora_prior_unet": "unet",
-    "oft_unet": "unet",  # kohya's original networks/oft.py
-    "lycoris": "unet",  # LyCORIS's generic wrapper (create_lycoris)
-    "lora_transformer": "transformer",
-    "lora_te1": "text_encoder",
-    "lora_te2": "text_encoder_2",
-    "lora_te3": "text_encoder_3",
-    "lora_te": "text_encoder",
-    "lora_controlnet": "controlnet",
-}
-LYCORIS_PARAMS = ("oft_blocks", "alpha", "rescale")
-PEFT_STYLE = ("oft_R.weight", "boft_R", "boft_s")
-
-# Multi-word module names of diffusers / transformers models, to turn kohya names back into
-# module paths when no model is at hand ('down_blocks_0_attentions_0' -> 'down_blocks.0.attentions.0').
-_VOCAB = {
-    "down_blocks",
-    "up_blocks",
-    "mid_block",
-    "transformer_blocks",
-    "single_transformer_blocks",
-    "to_q",
-    "to_k",
-    "to_v",
-    "to_out",
-    "add_q_proj",
-    "add_k_proj",
-    "add_v_proj",
-    "to_add_out",
-    "proj_in",
-    "proj_out",
-    "proj_mlp",
-    "time_emb_proj",
-    "conv_shortcut",
-    "conv_in",
-    "conv_out",
-    "time_embedding",
-    "linear_1",
-    "linear_2",
-    "text_model",
-    "self_attn",
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "out_proj",
-    "final_layer_norm",
-    "layer_norm1",
-    "layer_norm2",
-    "ff_context",
-    "norm_out",
-    "time_text_embed",
-    "context_embedder",
-    "x_embedder",
-    "norm_added_q",
-    "norm_added_k",
-    "add_embedding",
-    "controlnet_down_blocks",
-    "controlnet_mid_block",
-    "text_projection",
-}
-_MAX_WORDS = max(len(v.split("_")) for v in _VOCAB)
-
-
-def component_prefix(comp: str, components: list[str]) -> str:
-    if comp == "text_encoder" and "text_encoder_2" in components:
-        return "lora_te1"
-    if comp not in PREFIXES:
-        raise ConversionError(f"no kohya key prefix for component {comp!r}")
-    return PREFIXES[comp]
-
-
-_CLIP_ROOTS = ("encoder.", "embeddings.", "final_layer_norm")
-
-
-def kohya_name(comp: str, path: str, components: list[str] | None = None) -> str:
-    """The kohya module name of one layer, e.g. ``lora_unet_down_blocks_0_..._attn1_to_q``.
-
-    Text encoders are named from ``text_model`` on (``lora_te_text_model_encoder_layers_0_...``), as
-    ComfyUI and A1111 expect, also for transformers >= 5 whose CLIPTextModel dropped that level.
-    """
-    if comp.startswith("text_encoder") and path.startswith(_CLIP_ROOTS):
-        path = "text_model." + path
-    return f"{component_prefix(comp, components or [comp])}_{path.replace('.', '_')}"
-
-
-@functools.cache
-def _clip_has_text_model() -> bool:
-    """Whether the installed transformers' CLIPTextModel nests its layers under ``text_model``."""
-    try:
-        from transformers import CLIPTextConfig, CLIPTextModel
-    except ImportError:  # pragma: no cover
-        return True
-    config = CLIPTextConfig(
-        hidden_size=4,
-        intermediate_size=4,
-        num_hidden_layers=1,
-        num_attention_heads=1,
-        vocab_size=4,
-        max_position_embeddings=2,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-    )
-    return any(name == "text_model" for name, _ in CLIPTextModel(config).named_children())
-
-
-def kohya_key_names(model: nn.Module, config: AdapterConfig, component: str = "unet") -> list[str]:
-    """Module names the kohya export of ``config`` on ``model`` uses (no adapter needed, works on
-    the meta device)."""
-    from ..model import find_targets
-
-    return sorted(kohya_name(component, t.path) for t in find_targets(model, config))
-
-
-def guess_module_path(name: str) -> str:
-    """kohya name (without prefix) -> module path, using the names diffusers/transformers use."""
-    words = name.split("_")
-    parts, i = [], 0
-    while i < len(words):
-        for j in range(min(len(words), i + _MAX_WORDS), i, -1):
-            joined = "_".join(words[i:j])
-            if j - i == 1 or joined in _VOCAB:
-                parts.append(joined)
-                i = j
-                break
-    return ".".join(parts)
-
-
-def split_key(key: str) -> tuple[str, str, str] | None:
-    """'lora_unet_a_b.oft_blocks' -> ('unet', 'a_b', 'oft_blocks'); None if no known prefix."""
-    module, _, param = key.partition(".")
-    for prefix in sorted(READ_PREFIXES, key=len, reverse=True):
-        if module.startswith(prefix + "_"):
-            return READ_PREFIXES[prefix], module[len(prefix) + 1 :], param
-    return None
-
-
-def is_kohya_key(key: str) -> bool:
-    return split_key(key) is not None
-
+from .kohya_names import (  # noqa: F401 (kohya_key_names, guess_module_path, is_lycoris_like: re-exported)
+    LYCORIS_PARAMS,
+    PEFT_STYLE,
+    guess_module_path,
+    is_kohya_key,
+    is_lycoris_like,
+    kohya_key_names,
+    kohya_name,
+    module_paths,
+    split_key,
+)
 
 # ---- LyCORIS BOFT stage layout <-> our butterfly levels -----------------------------------------
 
@@ -291,30 +149,6 @@ def kohya_to_native(
     return NativeAdapter(configs, out, "kohya", base)
 
 
-def _module_paths(modules: dict, model: nn.Module | None, comp: str, name: str) -> dict[str, str]:
-    if model is None:
-        paths = {m: guess_module_path(m) for m in modules}
-        if comp.startswith("text_encoder") and not _clip_has_text_model():
-            paths = {m: p.removeprefix("text_model.") for m, p in paths.items()}
-        return paths
-    from .common import linear_dims
-
-    lookup = {}
-    for p in linear_dims(model):
-        lookup[p.replace(".", "_")] = p
-        if comp.startswith("text_encoder") and p.startswith(_CLIP_ROOTS):
-            lookup["text_model_" + p.replace(".", "_")] = p
-    paths = {}
-    for m in modules:
-        if m not in lookup:
-            raise AdapterFileError(
-                f"{name}: layer {m!r} ({comp}) is not a linear layer of this {type(model).__name__} "
-                "(a file for another base model, or an adapter on convolutions, which diffusion-oft does not adapt)"
-            )
-        paths[m] = lookup[m]
-    return paths
-
-
 def _component_to_native(
     comp: str, modules: dict, metadata: dict[str, str], name: str, model: nn.Module | None
 ) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
@@ -342,7 +176,7 @@ def _component_to_native(
             raise AdapterFileError(f"{name}: unsupported tensor {module_name}.{sorted(extra)[0]!r} in an OFT file")
     if len(kinds) > 1:
         raise AdapterFileError(f"{name}: mixes LyCORIS oft_blocks layers with PEFT-style layers")
-    paths = _module_paths(modules, model, comp, name)
+    paths = module_paths(modules, model, comp, name)
     if kinds == {"peft"}:
         return _peft_style_to_native(comp, modules, metadata, name, model, paths)
 
@@ -385,7 +219,10 @@ def _component_to_native(
     if len(ms) > 1:
         raise AdapterFileError(f"{name}: BOFT layers with different numbers of butterfly stages {sorted(ms)}")
     kwargs: dict = {"side": "output", "cayley_mode": "exact", "magnitude": rescaled}
-    kwargs.update({"method": "boft", "n_butterfly_factors": ms.pop()} if boft else {"method": "oft"})
+    if boft:
+        kwargs.update(method=method_by(lycoris_algo="boft").name, n_butterfly_factors=ms.pop())
+    else:
+        kwargs["method"] = method_by(lycoris_algo="diag-oft").name
     kwargs.update(structure_fields(shapes, name))
     kwargs["extra"] = {"converted_from": "lycoris"}
     kwargs.update(target_fields(list(shapes), kwargs, model))
@@ -438,7 +275,8 @@ def native_to_kohya(native: NativeAdapter) -> dict[str, torch.Tensor]:
     components = list(native.configs)
     for comp, config in native.configs.items():
         where = f"{comp} adapter ({config.method}, side={config.side})"
-        if config.method not in ("oft", "boft"):
+        algo = get_method_class(config.method).lycoris_algo
+        if algo is None:
             raise ConversionError(
                 f"{where}: kohya/LyCORIS files have no {config.method}; use --to diff (exact full weight deltas, "
                 "read by ComfyUI and A1111) or --to merged"
@@ -454,7 +292,7 @@ def native_to_kohya(native: NativeAdapter) -> dict[str, torch.Tensor]:
                 f"{where}: LyCORIS uses the exact Cayley transform; this adapter uses the Cayley-Neumann series, "
                 "use --to diff instead"
             )
-        if config.magnitude and config.method == "oft":
+        if config.magnitude and algo == "diag-oft":
             warn(
                 f"{where}: the per-output scale is written as LyCORIS 'rescale'; LyCORIS and A1111 >= 1.9 apply it, "
                 "ComfyUI (0.3.6x) and A1111 < 1.9 ignore it for OFT (the result is then off there): use --to diff "
@@ -465,7 +303,7 @@ def native_to_kohya(native: NativeAdapter) -> dict[str, torch.Tensor]:
             vec = params["skew"].float()
             s = skew_from_triu(vec, _block_size(vec.shape[-1]))
             # OFT: Q = B - B^T = -S (the weight gets r^T);  BOFT: Q = S re-indexed per stage
-            blocks = -0.5 * s if config.method == "oft" else 0.5 * _boft_levels_from_native(s)
+            blocks = -0.5 * s if algo == "diag-oft" else 0.5 * _boft_levels_from_native(s)
             norm = torch.norm(s)
             state[f"{name}.oft_blocks"] = blocks.contiguous()
             # Above the layer's own norm: no client's constraint (radius alpha or alpha * out_dim) acts.
@@ -476,7 +314,7 @@ def native_to_kohya(native: NativeAdapter) -> dict[str, torch.Tensor]:
 
 
 def _block_size(n_elements: int) -> int:
-    from .peft import block_size_from_triangle
+    from .peft_math import block_size_from_triangle
 
     return block_size_from_triangle(n_elements, "skew")
 
@@ -486,15 +324,11 @@ def write_kohya(native: NativeAdapter, path: str | os.PathLike) -> Path:
     if path.suffix != ".safetensors":
         raise ConversionError(f"{path.name}: kohya/LyCORIS files are .safetensors")
     state = native_to_kohya(native)
-    algos = {c.method for c in native.configs.values()}
+    algos = {get_method_class(c.method).lycoris_algo for c in native.configs.values()}
     metadata = {
         "ss_network_module": "lycoris.kohya",
-        "ss_network_args": json.dumps({"algo": "boft" if algos == {"boft"} else "diag-oft"}),
+        "ss_network_args": json.dumps({"algo": algos.pop() if len(algos) == 1 else "diag-oft"}),
         "converted_by": f"diffusion-oft {__version__}",
     }
     atomic_save_file(state, path, metadata)
     return path
-
-
-def is_lycoris_like(keys) -> bool:
-    return any(re.search(r"\.(oft_blocks|oft_diag)$", k) for k in keys)

@@ -25,13 +25,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import __version__
+from .._version import __version__
 from ..files import atomic_save_file, is_pipeline
 from ..layers import OrthoLinear, _apply_to_weight
-from ..methods.transforms import LowRankBlockTransform
 from ..model import adapter_configs, named_ortho_layers, remove_adapter
 from .common import ConversionError, NativeAdapter
-from .kohya import kohya_name
+from .kohya_names import kohya_name
 
 DEFAULT_MAX_ERROR = 0.05  # OFT / BOFT default: 5 % relative Frobenius error of each layer's ΔW
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' load_lora_weights looks for
@@ -68,7 +67,8 @@ def lora_layout(keys) -> str | None:
 
 
 def _thin_factors(weight: torch.Tensor, transforms: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """ETHER / ETHER+: (up (out, r), down (r, in)) with up @ down = R_out W R_in^T − W exactly (float64)."""
+    """Low-rank transforms (ETHER / ETHER+ / HRA): (up (out, r), down (r, in)) with
+    up @ down = R_out W R_in^T − W exactly (float64)."""
     ups, downs = [], []
     if "input" in transforms:
         u, v = transforms["input"].thin(torch.float64)  # R_in = I + U V^T: (in, r1) each
@@ -118,12 +118,12 @@ def layer_lora(
 ) -> LayerLoRA:
     """The LoRA of one adapted layer's weight change.
 
-    Without ``rank`` / ``max_error``: ETHER / ETHER+ exact (their structural rank), others at
+    Without ``rank`` / ``max_error``: ETHER / ETHER+ / HRA exact (their structural rank), others at
     ``DEFAULT_MAX_ERROR``.
     """
     weight = layer.base_layer.weight.detach().double()  # (out, in)
     transforms, magnitude = layer._transforms(adapter_name)
-    structural = magnitude is None and all(isinstance(t, LowRankBlockTransform) for t in transforms.values())
+    structural = magnitude is None and all(t.low_rank for t in transforms.values())
     if structural:
         u_s, s, vh_s = _rebalanced(*_thin_factors(weight, transforms))
     else:
@@ -144,7 +144,7 @@ def layer_lora(
 @contextlib.contextmanager
 def _loaded(native: NativeAdapter, target):
     """The adapter loaded into ``target`` under a temporary name; removed afterwards."""
-    from . import load_native
+    from .common import load_native
 
     load_native(target, native, adapter_name=TEMP_ADAPTER)
     try:

@@ -1,14 +1,9 @@
-"""PEFT OFT / BOFT adapters (``adapter_model.safetensors`` + ``adapter_config.json``), both ways.
+"""PEFT OFT / BOFT / HRA adapters (``adapter_model.safetensors`` + ``adapter_config.json``), both ways.
 
-PEFT rotates the layer's **input** side, like diffusion-oft's default ``side="input"``:
-
-* BOFT keys ``base_model.model.<path>.boft_R`` [m, n, b, b] (full matrices, PEFT uses their skew
-  part S' = (A - A^T)/2) and ``.boft_s`` [out, 1] (per-output scale, our ``magnitude``).  PEFT's
-  Cayley is (I - S')(I + S')^-1, ours (I + S)(I - S)^-1, so S = -S'.  The butterfly permutations
-  are the same index layout (``methods/butterfly.py``), so factor i maps to our level i.
-* OFT (v2) keys ``.oft_R.weight`` [n, b(b-1)/2] (strict upper triangles of Q).  Exact mode:
-  (I - Q)(I + Q)^-1, i.e. S = -Q.  Cayley-Neumann mode with t terms: I + 2Q + ... + 2Q^(t-2) +
-  Q^(t-1) = (I + Q)(I + Q + ... + Q^(t-2)), i.e. S = +Q and our ``neumann_terms`` k = t - 2.
+PEFT transforms the layer's **input** side, like diffusion-oft's default ``side="input"``.  This module
+does the names (keys, folders, adapter_config.json, which component); ``peft_math`` the tensors of each
+PEFT type (signs, layouts, COFT): OFT (v2) ``oft_R.weight``, BOFT ``boft_R`` / ``boft_s``, HRA ``hra_u``.
+Which of our methods a PEFT type is, and back, the method classes say (``peft_type``).
 """
 
 from __future__ import annotations
@@ -23,28 +18,58 @@ import torch
 from torch import nn
 
 from ..config import AdapterConfig
-from ..files import AdapterFileError, atomic_save_file, read_adapter_file
-from ..methods.cayley import num_skew_params, skew_from_triu, triu_from_skew
-from .common import ConversionError, NativeAdapter, resolve_component, structure_fields, target_fields, warn
+from ..files import COMPONENT_NAMES, AdapterFileError, atomic_save_file, read_adapter_file
+from ..methods import get_method_class
+from ..methods.base import method_by
+from .common import (
+    ConversionError,
+    NativeAdapter,
+    linear_dims,
+    resolve_component,
+    structure_fields,
+    target_fields,
+    warn,
+)
+from .peft_math import (
+    block_size_from_triangle,
+    boft_from_peft,
+    boft_to_peft,
+    coft_project,
+    hra_from_peft,
+    hra_to_peft,
+    oft_from_peft,
+    oft_to_peft,
+)
+
+__all__ = [
+    "CONFIG_NAME",
+    "PEFT_PREFIX",
+    "WEIGHTS_NAME",
+    "block_size_from_triangle",
+    "coft_project",
+    "is_peft_key",
+    "native_component_to_peft",
+    "native_to_peft",
+    "peft_to_native",
+    "read_peft",
+]
 
 PEFT_PREFIX = "base_model.model."
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 # PEFT 0.18 changed its Cayley-Neumann series; older Neumann adapters use another formula.
 MIN_NEUMANN_VERSION = (0, 18)
-_OFT_KEY = re.compile(r"^(?P<path>.+)\.oft_R(?:\.[^.]+)?\.weight$")
-_BOFT_KEY = re.compile(r"^(?P<path>.+)\.(?P<param>boft_R|boft_s)(?:\.[^.]+)?$")
+# PEFT's tensor names: (pattern, peft_type, our group name).  Adapter names may sit inside the key.
+_KEYS = (
+    (re.compile(r"^(?P<path>.+)\.oft_R(?:\.[^.]+)?\.weight$"), "OFT", "oft_R"),
+    (re.compile(r"^(?P<path>.+)\.boft_R(?:\.[^.]+)?$"), "BOFT", "boft_R"),
+    (re.compile(r"^(?P<path>.+)\.boft_s(?:\.[^.]+)?$"), "BOFT", "boft_s"),
+    (re.compile(r"^(?P<path>.+)\.hra_u(?:\.[^.]+)?$"), "HRA", "hra_u"),
+)
 
 
 def is_peft_key(key: str) -> bool:
-    return bool(_OFT_KEY.match(key) or _BOFT_KEY.match(key))
-
-
-def block_size_from_triangle(n_elements: int, key: str) -> int:
-    b = int(round((1 + (1 + 8 * n_elements) ** 0.5) / 2))
-    if num_skew_params(b) != n_elements:
-        raise AdapterFileError(f"{key}: {n_elements} numbers per block is not b(b-1)/2 for any block size b")
-    return b
+    return any(pattern.match(key) for pattern, _, _ in _KEYS)
 
 
 def read_peft(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None, str]:
@@ -65,22 +90,68 @@ def _version_tuple(text: str | None) -> tuple[int, ...]:
 
 
 def _split_component(path: str) -> tuple[str | None, str]:
-    from ..files import COMPONENT_NAMES
-
     head, _, rest = path.partition(".")
     if head in COMPONENT_NAMES and rest:
         return head, rest
     return None, path
 
 
-def coft_project(vec: torch.Tensor, block_size: int, eps: float) -> torch.Tensor:
-    """PEFT's COFT projection of OFT parameters (applied by PEFT in every forward pass)."""
-    q = skew_from_triu(vec, block_size)
-    radius = eps / torch.sqrt(torch.tensor(float(q.shape[0])))
-    norms = torch.norm(q, dim=(1, 2), keepdim=True)
-    out = torch.where(norms <= radius, q, radius * (q / norms))
-    rows, cols = torch.triu_indices(block_size, block_size, offset=1)
-    return out[:, rows, cols]
+def _group_keys(tensors: dict[str, torch.Tensor], name: str) -> tuple[str, dict[str, dict[str, torch.Tensor]]]:
+    """(PEFT type, {group: {module path: float tensor}}) of a state dict; one-line errors for the rest."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    types = set()
+    for key, tensor in tensors.items():
+        inner = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
+        for pattern, peft_type, group in _KEYS:
+            if m := pattern.match(inner):
+                groups.setdefault(group, {})[m["path"]] = tensor.float()
+                types.add(peft_type)
+                break
+        else:
+            raise AdapterFileError(
+                f"{name}: tensor {key!r} is not an OFT/BOFT/HRA adapter parameter (trained biases or "
+                "modules_to_save cannot be represented by an orthogonal adapter)"
+            )
+    if len(types) > 1:
+        raise AdapterFileError(f"{name}: mixes PEFT {' and '.join(sorted(types))} tensors")
+    boft_r, boft_s = groups.get("boft_R", {}), groups.get("boft_s", {})
+    if boft_s and set(boft_s) - set(boft_r):
+        raise AdapterFileError(f"{name}: boft_s without boft_R for {sorted(set(boft_s) - set(boft_r))[0]!r}")
+    if not types or (types == {"BOFT"} and not boft_r):
+        raise AdapterFileError(f"{name}: no PEFT OFT/BOFT/HRA tensors")
+    return types.pop(), groups
+
+
+def _component(
+    layer_paths: list[str], name: str, candidates: dict[str, nn.Module] | None, prefix_component: str | None
+) -> tuple[str, dict[str, str], nn.Module | None, dict[str, tuple[int, int]]]:
+    """(component, {PEFT path: module path}, the model when at hand, its linear layers' dims): a prefix in
+    the keys names the component, else the candidate that has every module."""
+    split = {p: _split_component(p) for p in layer_paths}
+    comps = {c for c, _ in split.values()}
+    if len(comps) > 1:
+        raise AdapterFileError(f"{name}: keys for several components {sorted(c or '?' for c in comps)}")
+    comp = comps.pop() or prefix_component
+    paths = {p: rest for p, (_, rest) in split.items()}
+    module = None
+    if candidates:
+        if comp is None or comp not in candidates:
+            comp = (
+                next(iter(candidates))
+                if len(candidates) == 1
+                else resolve_component(sorted(paths.values()), candidates, name)
+            )
+        module = candidates[comp]
+    dims: dict[str, tuple[int, int]] = {}
+    if module is not None:
+        dims = linear_dims(module)
+        missing = [p for p in paths.values() if p not in dims]
+        if missing:
+            raise AdapterFileError(
+                f"{name}: module {missing[0]!r} is not a linear layer of this {type(module).__name__} "
+                "(a file for another base model, or an adapter on a convolution, which diffusion-oft does not adapt)"
+            )
+    return comp or "unet", paths, module, dims
 
 
 def peft_to_native(
@@ -97,126 +168,35 @@ def peft_to_native(
     layer sizes); prefix_component: the component named by the file itself (kohya prefixes).
     """
     cfg = dict(peft_config or {})
-    peft_type = str(cfg.get("peft_type", "")).upper() or None
-    oft, boft_r, boft_s = {}, {}, {}
-    for key, tensor in tensors.items():
-        inner = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
-        if m := _OFT_KEY.match(inner):
-            oft[m["path"]] = tensor.float()
-        elif m := _BOFT_KEY.match(inner):
-            (boft_r if m["param"] == "boft_R" else boft_s)[m["path"]] = tensor.float()
-        else:
-            raise AdapterFileError(
-                f"{name}: tensor {key!r} is not an OFT/BOFT adapter parameter (trained biases or "
-                "modules_to_save cannot be represented by an orthogonal adapter)"
-            )
-    if oft and (boft_r or boft_s):
-        raise AdapterFileError(f"{name}: mixes PEFT OFT and BOFT tensors")
-    if boft_s and set(boft_s) - set(boft_r):
-        raise AdapterFileError(f"{name}: boft_s without boft_R for {sorted(set(boft_s) - set(boft_r))[0]!r}")
-    layers = oft or boft_r
-    if not layers:
-        raise AdapterFileError(f"{name}: no PEFT OFT/BOFT tensors")
-    if peft_type and peft_type not in ("OFT", "BOFT"):
-        raise AdapterFileError(f"{name}: a PEFT {peft_type} adapter, not OFT or BOFT")
+    declared = str(cfg.get("peft_type", "")).upper() or None
+    peft_type, groups = _group_keys(tensors, name)
+    if declared and declared not in ("OFT", "BOFT", "HRA"):
+        raise AdapterFileError(f"{name}: a PEFT {declared} adapter, not OFT, BOFT or HRA")
+    main_group = {"OFT": "oft_R", "BOFT": "boft_R", "HRA": "hra_u"}[peft_type]
+    comp, paths, module, dims = _component(list(groups[main_group]), name, candidates, prefix_component)
 
-    # Component: a prefix in the keys, else the candidate that has all the modules.
-    split = {p: _split_component(p) for p in layers}
-    comps = {c for c, _ in split.values()}
-    if len(comps) > 1:
-        raise AdapterFileError(f"{name}: keys for several components {sorted(c or '?' for c in comps)}")
-    comp = comps.pop() or prefix_component
-    paths = {p: rest for p, (_, rest) in split.items()}
-    module = None
-    if candidates:
-        if comp is None or comp not in candidates:
-            comp = (
-                next(iter(candidates))
-                if len(candidates) == 1
-                else resolve_component(sorted(paths.values()), candidates, name)
-            )
-        module = candidates[comp]
-    comp = comp or "unet"
-    dims = {}
-    if module is not None:
-        from .common import linear_dims
+    def ours(group: str) -> dict[str, torch.Tensor]:
+        return {paths[p]: t for p, t in groups.get(group, {}).items()}
 
-        dims = linear_dims(module)
-        missing = [p for p in paths.values() if p not in dims]
-        if missing:
-            raise AdapterFileError(
-                f"{name}: module {missing[0]!r} is not a linear layer of this {type(module).__name__} "
-                "(a file for another base model, or an adapter on a convolution, which diffusion-oft does not adapt)"
-            )
-
-    out: dict[str, torch.Tensor] = {}
-    shapes: dict[str, tuple[int, int]] = {}
-    kwargs: dict = {"side": "input"}
-    if oft:
+    if peft_type == "OFT":
         neumann = bool(cfg.get("use_cayley_neumann", True))
-        terms = int(cfg.get("num_cayley_neumann_terms", 5))
-        if peft_config is None:
-            warn(f"{name}: no {CONFIG_NAME}; assuming PEFT's OFT defaults (Cayley-Neumann, 5 terms)")
-        elif neumann and _version_tuple(cfg.get("peft_version")) < MIN_NEUMANN_VERSION:
+        if peft_config is not None and neumann and _version_tuple(cfg.get("peft_version")) < MIN_NEUMANN_VERSION:
             raise AdapterFileError(
                 f"{name}: a Cayley-Neumann OFT adapter from PEFT < 0.18, whose series differs from the current "
                 "one; load it with that PEFT version and save it with exact Cayley, or retrain"
             )
-        if neumann and terms < 3:
-            raise AdapterFileError(
-                f"{name}: num_cayley_neumann_terms={terms}; diffusion-oft represents PEFT's series from 3 terms on"
-            )
-        coft = bool(cfg.get("coft", False))
-        eps = float(cfg.get("eps", 6e-5))
-        rows_seen = set()
-        for path, vec in oft.items():
-            b = block_size_from_triangle(vec.shape[-1], path)
-            n = vec.shape[0]
-            if coft:
-                vec = coft_project(vec, b, eps)
-                rows_seen.add(n)
-            if n == 1 and (cfg.get("block_share") or (paths[path] in dims and dims[paths[path]][0] > b)):
-                if paths[path] not in dims:
-                    raise ConversionError(
-                        f"{name}: a block_share adapter; give the base model so the shared block can be repeated"
-                    )
-                n = dims[paths[path]][0] // b
-                vec = vec.expand(n, -1)
-            shapes[paths[path]] = (n, b)
-            out[f"{comp}.{paths[path]}.skew"] = (vec if neumann else -vec).contiguous().clone()
-        kwargs.update(method="oft", cayley_mode="neumann" if neumann else "exact")
-        if neumann:
-            kwargs["neumann_terms"] = terms - 2
-        if coft and len(rows_seen) == 1:
-            kwargs["coft_eps"] = eps / float(rows_seen.pop()) ** 0.5
-        elif coft:
-            warn(f"{name}: PEFT's COFT radius depends on each layer's block count; the loaded adapter has no COFT")
-        if cfg.get("module_dropout"):
-            kwargs["dropout"] = float(cfg["module_dropout"])
+        in_dims = {p: d[0] for p, d in dims.items()}
+        layers, shapes, fields = oft_from_peft(ours("oft_R"), cfg, name, in_dims, peft_config is not None)
+    elif peft_type == "BOFT":
+        layers, shapes, fields = boft_from_peft(ours("boft_R"), ours("boft_s"), cfg, name)
     else:
-        ms = {r.shape[0] for r in boft_r.values()}
-        if len(ms) != 1:
-            raise AdapterFileError(f"{name}: layers with different numbers of butterfly factors {sorted(ms)}")
-        m = ms.pop()
-        magnitude = any(not bool((s == 1).all()) for s in boft_s.values())
-        for path, mat in boft_r.items():
-            if mat.ndim != 4 or mat.shape[-1] != mat.shape[-2]:
-                raise AdapterFileError(f"{name}: boft_R of {path!r} has shape {list(mat.shape)}; expected [m, n, b, b]")
-            _, n, b, _ = mat.shape
-            shapes[paths[path]] = (n, b)
-            out[f"{comp}.{paths[path]}.skew"] = -triu_from_skew(mat).contiguous()
-            if magnitude:
-                s = boft_s.get(path)
-                if s is None:
-                    raise AdapterFileError(f"{name}: {path!r} has boft_R but no boft_s")
-                out[f"{comp}.{paths[path]}.magnitude"] = s.reshape(-1).clone()
-        kwargs.update(method="boft", n_butterfly_factors=m, magnitude=magnitude, cayley_mode="exact")
-        if cfg.get("boft_dropout"):
-            kwargs["dropout"] = float(cfg["boft_dropout"])
+        layers, shapes, fields = hra_from_peft(ours("hra_u"), cfg, name)
+    kwargs: dict = {"side": "input", "method": method_by(peft_type=peft_type).name, **fields}
     kwargs.update(structure_fields(shapes, name))
     kwargs["extra"] = {"converted_from": source_format}
     kwargs.update(target_fields(list(shapes), kwargs, module))
     config = AdapterConfig(**kwargs)
+    out = {f"{comp}.{path}.{param}": t for path, params in layers.items() for param, t in params.items()}
     base = {comp: {"name_or_path": str(cfg.get("base_model_name_or_path") or "")}}
     return NativeAdapter({comp: config}, out, source_format, base)
 
@@ -250,7 +230,9 @@ def _peft_config_json(config: AdapterConfig, peft_type: str, paths: list[str], b
         "layers_pattern": None,
     }
     b, n = config.block_size or 0, (0 if config.block_size else config.num_blocks)
-    if peft_type == "OFT":
+    if peft_type == "HRA":
+        common.update(r=config.n_reflections, apply_GS=False)
+    elif peft_type == "OFT":
         neumann = config.cayley_mode == "neumann"
         common.update(
             r=n,
@@ -277,56 +259,49 @@ def native_component_to_peft(
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """One component -> (PEFT state dict, adapter_config.json content)."""
     config = native.configs[comp]
+    method_cls = get_method_class(config.method)
     where = f"{comp} adapter ({config.method}, side={config.side})"
-    if config.method in ("ether", "ether_plus"):
-        raise ConversionError(
-            f"{where}: PEFT has no {config.method.upper().replace('_PLUS', '+')}; use --to diff or --to merged"
-        )
+    peft_type = method_cls.peft_type
+    if peft_type is None:
+        raise ConversionError(f"{where}: PEFT has no {method_cls.label}; use --to diff or --to merged")
     if config.side != "input":
         raise ConversionError(
             f"{where}: PEFT rotates the input side only; an output-side adapter converts exactly with --to kohya "
             "(or --to diff / --to merged)"
         )
-    method = config.method
-    if method == "oft" and config.magnitude:
-        method = "boft"  # PEFT OFT has no per-output scale; PEFT BOFT with m = 1 is OFT with boft_s
-    if method == "boft" and config.cayley_mode != "exact":
+    if peft_type == "OFT" and config.magnitude:
+        peft_type = "BOFT"  # PEFT OFT has no per-output scale; PEFT BOFT with m = 1 is OFT with boft_s
+    if peft_type == "BOFT" and config.cayley_mode != "exact":
         raise ConversionError(
             f"{where}: PEFT's BOFT uses the exact Cayley transform only, this adapter was trained with the "
             "Cayley-Neumann series; use --to diff or --to merged"
         )
-    m = config.n_butterfly_factors if config.method == "boft" else 1
-    if method == "boft" and m > 1:
+    m = config.n_butterfly_factors  # 1 for every method but BOFT
+    if peft_type == "BOFT" and m > 1:
         warn(
             f"{where}: n_butterfly_factors={m}: PEFT runs BOFT with m > 1 only with its CUDA extension (fbd_cuda); "
             "on CPU, or when that extension does not build, PEFT silently sets m = 1 and cannot load this adapter"
         )
-    state: dict[str, torch.Tensor] = {}
-    layers = native.layers(comp)
-    missing_scale = []
-    for path, params in layers.items():
-        skew = params["skew"].float()
-        key = f"{PEFT_PREFIX}{path}"
-        if method == "oft":
-            # exact: PEFT computes (I - Q)(I + Q)^-1, so Q = -S; Neumann: same sign as ours
-            state[f"{key}.oft_R.weight"] = (-skew if config.cayley_mode == "exact" else skew).contiguous()
-            continue
-        vec = skew.reshape(m, skew.shape[-2], skew.shape[-1])
-        b = int(round((1 + (1 + 8 * vec.shape[-1]) ** 0.5) / 2))
-        state[f"{key}.boft_R"] = (-skew_from_triu(vec, b)).contiguous()  # PEFT's S' = -S
-        if "magnitude" in params:
-            state[f"{key}.boft_s"] = params["magnitude"].float().reshape(-1, 1).contiguous()
-        elif dims and path in dims:
-            state[f"{key}.boft_s"] = torch.ones(dims[path][1], 1)
-        else:
-            missing_scale.append(path)
-    if missing_scale:
-        warn(
-            f"{where}: boft_s (all ones) left out for {len(missing_scale)} layers because their output sizes are "
-            "unknown (give the base model to write them); PEFT then keeps its initial value 1"
+    if peft_type == "HRA" and (config.num_blocks != 1 or config.magnitude):
+        raise ConversionError(
+            f"{where}: PEFT's HRA has one block per layer and no per-output scale (this adapter: "
+            f"{'magnitude' if config.magnitude else f'num_blocks={config.num_blocks}'}); use --to diff or --to merged"
         )
+    layers = native.layers(comp)
+    if peft_type == "OFT":
+        peft_layers = oft_to_peft(layers, exact=config.cayley_mode == "exact")
+    elif peft_type == "BOFT":
+        peft_layers, missing_scale = boft_to_peft(layers, m, dims)
+        if missing_scale:
+            warn(
+                f"{where}: boft_s (all ones) left out for {len(missing_scale)} layers because their output sizes "
+                "are unknown (give the base model to write them); PEFT then keeps its initial value 1"
+            )
+    else:
+        peft_layers = hra_to_peft(layers)
+    state = {f"{PEFT_PREFIX}{path}.{param}": t for path, params in peft_layers.items() for param, t in params.items()}
     base_name = str(native.base_model.get(comp, {}).get("name_or_path", "") or "")
-    peft_config = _peft_config_json(config, method.upper(), list(layers), base_name)
+    peft_config = _peft_config_json(config, peft_type, list(layers), base_name)
     return state, peft_config
 
 

@@ -7,20 +7,31 @@ A method module lives inside an adapted projection (see ``diffusion_oft.layers``
     -2) -- its own, or those of many layers concatenated along that axis, which gives their
     direct sum: ``diffusion_oft.batching`` builds a whole model's transforms in one call this way,
   * ``constrain_()``: an optional projection after each optimizer step (COFT).
+The class is also the one place of the method's facts (class attributes, read by ``config``,
+``training.args``, ``commands``, ``convert`` and ``inference``): its ``AdapterConfig`` defaults and
+the fields only it reads, its training defaults, its checks, its formats' names, its base-model hints.
 Everything else (targeting, merging, files, training) is method-agnostic.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 from torch import nn
 
-from ..config import AdapterConfig
 from .transforms import BlockTransform
 
+if TYPE_CHECKING:  # the config floor asks this one (never the other way round at run time)
+    from ..config import AdapterConfig
+
 METHOD_REGISTRY: dict[str, type[OrthoMethod]] = {}
+
+
+class SharedBuild(Protocol):
+    """A build of several layers' transforms at once (``diffusion_oft.batching.TransformBatch``)."""
+
+    def transforms_of(self, method: OrthoMethod, scale: float, dropout: bool) -> dict[str, BlockTransform] | None: ...
 
 
 def register_method(cls: type[OrthoMethod]) -> type[OrthoMethod]:
@@ -33,6 +44,33 @@ def get_method_class(name: str) -> type[OrthoMethod]:
         return METHOD_REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown method {name!r}; known: {sorted(METHOD_REGISTRY)}") from None
+
+
+def method_names() -> tuple[str, ...]:
+    """The registered methods' names, in registration order (``methods/__init__``)."""
+    return tuple(METHOD_REGISTRY)
+
+
+def method_by(**facts: Any) -> type[OrthoMethod]:
+    """The registered method whose class attributes have these values, e.g. ``method_by(peft_type="OFT")``
+    (format readers name the method this way)."""
+    for cls in METHOD_REGISTRY.values():
+        if all(getattr(cls, key) == value for key, value in facts.items()):
+            return cls
+    raise ValueError(f"no method with {facts}")
+
+
+def field_owners(field: str) -> tuple[str, ...]:
+    """The methods that read an ``exclusive_fields`` entry (all others refuse a non-default value)."""
+    return tuple(name for name, cls in METHOD_REGISTRY.items() if field in cls.exclusive_fields)
+
+
+def exclusive_fields() -> tuple[str, ...]:
+    """Every field some method declares as its own, in registration order."""
+    seen: dict[str, None] = {}
+    for cls in METHOD_REGISTRY.values():
+        seen.update(dict.fromkeys(cls.exclusive_fields))
+    return tuple(seen)
 
 
 def _divisors(n: int) -> list[int]:
@@ -73,9 +111,47 @@ def block_structure(dim: int, config: AdapterConfig, multiple: int = 1, even: bo
 
 
 class OrthoMethod(nn.Module):
-    """Base class of the adapter methods; subclasses define parameters and transforms."""
+    """Base class of the adapter methods; subclasses define parameters and transforms, and state
+    their facts in the class attributes below (the only place they are written)."""
 
-    name: ClassVar[str] = ""
+    name: ClassVar[str] = ""  # AdapterConfig.method, file metadata, --method
+    label: ClassVar[str] = ""  # in prose and messages: "OFT", "ETHER+"
+    # AdapterConfig fields filled when the config leaves them unset: the structure (used when neither
+    # block_size nor num_blocks is given) and any field the method needs another value of (BOFT's m).
+    config_defaults: ClassVar[dict[str, Any]] = {}
+    # AdapterConfig fields only this method (and its subclasses, unless they redeclare) reads; a config
+    # of another method must leave them at their dataclass defaults.
+    exclusive_fields: ClassVar[tuple[str, ...]] = ()
+    # Defaults of the command-line tools per task (the papers' settings, see README "Train a subject"):
+    # "dreambooth" / "control" (training.args: structure, learning rate, ...), "demo" (commands.demo).
+    training_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
+    # Command-line flags of its exclusive fields: {field: argparse keywords} (training.args adds them).
+    cli_options: ClassVar[dict[str, dict[str, Any]]] = {}
+    # File formats: PEFT's peft_type and LyCORIS's algo for this method, None where they have none.
+    peft_type: ClassVar[str | None] = None
+    lycoris_algo: ClassVar[str | None] = None
+    # The tensor names one layer stores (besides "magnitude"), for messages about unreadable files.
+    tensor_names: ClassVar[tuple[str, ...]] = ()
+
+    # ---- facts that depend on a config ------------------------------------------------------------
+    @classmethod
+    def validate_config(cls, config: AdapterConfig) -> None:
+        """Checks of a config beyond the generic ones (ValueError with a one-line reason)."""
+
+    @classmethod
+    def input_width(cls, config: AdapterConfig, tensor_name: str, shape: tuple[int, ...]) -> int | None:
+        """A projection's input width from one of the tensors this method stores for it (None when that
+        tensor does not tell): ``inference.base_model_hints`` names the base model from it."""
+        return None
+
+    @classmethod
+    def transforms_input(cls, config: AdapterConfig) -> bool:
+        """Whether the adapter acts on its layers' input side (its tensors then give the input widths)."""
+        return "input" in cls.sides(config)
+
+    # Set from outside, by ``diffusion_oft.batching.group_methods`` (``add_adapter``): the shared build of
+    # this adapter's layers with the same block shapes, which ``OrthoLinear`` asks first in training.
+    transform_batch: SharedBuild | None = None
 
     def __init__(self, in_features: int, out_features: int, config: AdapterConfig):
         super().__init__()

@@ -8,14 +8,18 @@ its strict upper triangle: m * n * b(b-1)/2 numbers per layer, zero at init (R =
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from ..config import AdapterConfig
 from .base import OrthoMethod, block_structure, register_method
 from .cayley import SERIES_MAX_NORM, cayley, num_skew_params, series_factors, skew_from_triu
+from .placement import collapse_butterfly
 from .transforms import BlockTransform, ButterflyTransform
+
+if TYPE_CHECKING:
+    from ..config import AdapterConfig
 
 # The Neumann series for (I - S)^-1 converges for |S|_2 < 1 (S is normal: |S|_2 is its spectral radius).
 # The check uses the cheap |S|_F >= |S|_2 first and computes |S|_2 only for the blocks where that fails.
@@ -31,15 +35,57 @@ def _warn_neumann_fallback(bound: float) -> None:
         logger.warning(
             "cayley_mode='neumann': a skew block has |S|_2 = %.3g >= %g, outside the series' region of "
             "convergence; those blocks use the exact Cayley transform until |S| is back inside "
-            "(warned once)", bound, NEUMANN_LIMIT,
+            "(warned once)",
+            bound,
+            NEUMANN_LIMIT,
         )
 
 
-@register_method
 class BOFT(OrthoMethod):
     """Butterfly orthogonal finetuning; parameter ``skew``: (m, n, b(b-1)/2)."""
 
     name = "boft"
+    label = "BOFT"
+    config_defaults = {"block_size": 8, "n_butterfly_factors": 2}
+    exclusive_fields = ("n_butterfly_factors", "coft_eps")
+    cli_options = {
+        "n_butterfly_factors": dict(type=int, help="BOFT's m (default 2)"),
+        "coft_eps": dict(
+            type=float, help="COFT radius on each block's |S|_F, applied after every step (oft/boft; default off)"
+        ),
+    }
+    # BOFT's reference DreamBooth scripts (Liu et al. 2024): 8 blocks, lr 3e-5, dropout 0.1, ~1000 steps;
+    # m = 2 butterfly factors (m = 1 would be plain OFT).
+    training_defaults = {
+        "dreambooth": dict(
+            num_blocks=8,
+            n_butterfly_factors=2,
+            learning_rate=3e-5,
+            max_train_steps=1000,
+            adam_weight_decay=1e-2,
+            adapter_dropout=0.1,
+        ),
+        "control": dict(
+            num_blocks=8,
+            n_butterfly_factors=2,
+            learning_rate=1e-5,
+            adam_weight_decay=1e-2,
+            adapter_dropout=0.0,
+            train_ff=False,
+        ),
+        "demo": dict(learning_rate=1e-2),
+    }
+    peft_type = "BOFT"
+    lycoris_algo = "boft"
+    tensor_names = ("skew",)
+
+    @classmethod
+    def input_width(cls, config: AdapterConfig, tensor_name: str, shape: tuple[int, ...]) -> int | None:
+        if tensor_name != "skew" or len(shape) < 2:  # OFT (n, b(b-1)/2), BOFT (m, n, b(b-1)/2)
+            return None
+        t = shape[-1]
+        b = round((1 + (1 + 8 * t) ** 0.5) / 2)
+        return shape[-2] * b if num_skew_params(b) == t else None
 
     @classmethod
     def n_factors(cls, config: AdapterConfig) -> int:
@@ -108,7 +154,7 @@ class BOFT(OrthoMethod):
         rotation = ButterflyTransform(blocks.flip(0) if m > 1 else blocks, list(reversed(range(m))))
         # m factors only mix coordinates within chunks of b * 2**(m-1): when such chunks are small, one
         # block-diagonal matmul with the product's blocks is cheaper than m matmuls + 2m shuffles.
-        if m > 1 and rotation.span <= max(2 * m * self.block_size, 32):
+        if collapse_butterfly(rotation.span, m, self.block_size):
             rotation = rotation.collapsed()
         return {cfg.side: rotation}
 
@@ -181,11 +227,30 @@ class BOFT(OrthoMethod):
         return f"{super().extra_repr()}, m={m}, n={self.num_blocks}, b={self.block_size}"
 
 
-@register_method
 class OFT(BOFT):
-    """Orthogonal finetuning: one block-diagonal Cayley rotation; ``skew``: (n, b(b-1)/2)."""
+    """Orthogonal finetuning: one block-diagonal Cayley rotation; ``skew``: (n, b(b-1)/2).
+
+    Two structure defaults, on purpose: the library's ``AdapterConfig(method="oft")`` takes block size
+    b = 32 (PEFT's ``oft_block_size`` default: a fixed cost per coordinate, the same config fits every
+    width divisible by 32, 1.5 M parameters on SD 1.5's UNet), the training scripts take the OFT paper's
+    r = 4 blocks (``training_defaults``: its DreamBooth and control settings, 11.6 M on SD 1.5).  Give
+    ``block_size`` / ``num_blocks`` (``--block_size`` / ``--num_blocks``) to choose.
+    """
 
     name = "oft"
+    label = "OFT"
+    config_defaults = {"block_size": 32}
+    exclusive_fields = ("coft_eps",)
+    # The OFT paper (Qiu et al. 2023): r = 4 blocks, lr 6e-5, ~1000 steps at batch 1; control lr 1e-5.
+    training_defaults = {
+        "dreambooth": dict(
+            num_blocks=4, learning_rate=6e-5, max_train_steps=1000, adam_weight_decay=1e-2, adapter_dropout=0.0
+        ),
+        "control": dict(num_blocks=4, learning_rate=1e-5, adam_weight_decay=1e-2, adapter_dropout=0.0, train_ff=False),
+        "demo": dict(block_size=8, learning_rate=1e-2),
+    }
+    peft_type = "OFT"
+    lycoris_algo = "diag-oft"
 
     @classmethod
     def n_factors(cls, config: AdapterConfig) -> int:
@@ -194,3 +259,8 @@ class OFT(BOFT):
     @classmethod
     def skew_shape(cls, m: int, n: int, b: int) -> tuple[int, ...]:
         return (n, num_skew_params(b))
+
+
+# Registered in the order the command line lists them.
+register_method(OFT)
+register_method(BOFT)

@@ -10,14 +10,17 @@ Both are applied as low-rank updates, never as dense matrices.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import AdapterConfig
 from .base import OrthoMethod, block_structure, register_method
 from .transforms import BlockTransform, LowRankBlockTransform
+
+if TYPE_CHECKING:
+    from ..config import AdapterConfig
 
 _SIDE_SUFFIX = {"input": "in", "output": "out"}
 
@@ -28,6 +31,13 @@ def _unit(vec: torch.Tensor) -> torch.Tensor:
 
 class _HouseholderMethod(OrthoMethod):
     vector_names: tuple[str, ...] = ()  # per side: ("u",) or ("u", "v")
+    config_defaults = {"num_blocks": 4}
+
+    @classmethod
+    def input_width(cls, config: AdapterConfig, tensor_name: str, shape: tuple[int, ...]) -> int | None:
+        if tensor_name in tuple(f"{v}_in" for v in cls.vector_names) and len(shape) == 2:  # (n, b)
+            return shape[0] * shape[1]
+        return None
 
     @classmethod
     def own_parameter_shapes(cls, in_features: int, out_features: int, config: AdapterConfig) -> dict:
@@ -75,7 +85,18 @@ class ETHER(_HouseholderMethod):
     """Block-diagonal Householder reflection on one side; parameter ``u_in`` (or ``u_out``): (n, b)."""
 
     name = "ether"
+    label = "ETHER"
     vector_names = ("u",)
+    tensor_names = ("u_in", "u_out")
+    # ETHER (Bini et al. 2024): n = 4 blocks (any n: the same parameter count), lr 6e-3, weight decay 0,
+    # ~1200 steps; control: lr 1e-3 with the feed-forward projections adapted as well.
+    training_defaults = {
+        "dreambooth": dict(
+            num_blocks=4, learning_rate=6e-3, max_train_steps=1200, adam_weight_decay=0.0, adapter_dropout=0.0
+        ),
+        "control": dict(num_blocks=4, learning_rate=1e-3, adam_weight_decay=0.0, adapter_dropout=0.0, train_ff=True),
+        "demo": dict(learning_rate=6e-3),
+    }
 
     def reset_parameters(self) -> None:
         if self.config.init == "identity":
@@ -97,7 +118,16 @@ class ETHERPlus(_HouseholderMethod):
     """ETHER+ with vectors ``u_in, v_in`` (and ``u_out, v_out`` when two-sided): (n, b) each."""
 
     name = "ether_plus"
+    label = "ETHER+"
     vector_names = ("u", "v")
+    tensor_names = ("u_in", "v_in", "u_out", "v_out")
+    training_defaults = {
+        "dreambooth": dict(
+            num_blocks=4, learning_rate=6e-3, max_train_steps=1200, adam_weight_decay=0.0, adapter_dropout=0.0
+        ),
+        "control": dict(num_blocks=4, learning_rate=1e-3, adam_weight_decay=0.0, adapter_dropout=0.0, train_ff=True),
+        "demo": dict(learning_rate=1e-2),
+    }
 
     @classmethod
     def sides(cls, config: AdapterConfig) -> tuple[str, ...]:

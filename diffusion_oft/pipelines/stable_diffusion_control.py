@@ -51,10 +51,30 @@ def condition_tensor(image, height: int, width: int, batch: int, per_prompt: int
 class OrthoStableDiffusionControlPipeline(StableDiffusionPipeline):
     """StableDiffusionPipeline + a condition encoder whose features are added after the UNet's conv_in."""
 
-    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, safety_checker=None, feature_extractor=None,
-                 image_encoder=None, requires_safety_checker: bool = False, control=None):
-        super().__init__(vae, text_encoder, tokenizer, unet, scheduler, safety_checker, feature_extractor,
-                         image_encoder, requires_safety_checker)
+    def __init__(
+        self,
+        vae,
+        text_encoder,
+        tokenizer,
+        unet,
+        scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker: bool = False,
+        control=None,
+    ):
+        super().__init__(
+            vae,
+            text_encoder,
+            tokenizer,
+            unet,
+            scheduler,
+            safety_checker,
+            feature_extractor,
+            image_encoder,
+            requires_safety_checker,
+        )
         self._condition_encoder: ConditionEncoder | None = None
         if control is not None:
             self.load_control(control)
@@ -74,16 +94,32 @@ class OrthoStableDiffusionControlPipeline(StableDiffusionPipeline):
         self.set_condition_encoder(encoder)
         return encoder
 
-    def __call__(self, prompt=None, image=None, control_scale: float = 1.0, control_guidance_start: float = 0.0,
-                 control_guidance_end: float = 1.0, height: int | None = None, width: int | None = None,
-                 num_inference_steps: int = 50, num_images_per_prompt: int = 1, callback_on_step_end=None,
-                 **kwargs):
+    def __call__(
+        self,
+        prompt=None,
+        image=None,
+        control_scale: float = 1.0,
+        control_guidance_start: float = 0.0,
+        control_guidance_end: float = 1.0,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        num_images_per_prompt: int = 1,
+        callback_on_step_end=None,
+        **kwargs,
+    ):
         if image is None or self._condition_encoder is None:
             if image is not None:
                 raise ValueError("a condition image was given but no condition encoder is loaded (load_control)")
-            return super().__call__(prompt, height=height, width=width, num_inference_steps=num_inference_steps,
-                                    num_images_per_prompt=num_images_per_prompt,
-                                    callback_on_step_end=callback_on_step_end, **kwargs)
+            return super().__call__(
+                prompt,
+                height=height,
+                width=width,
+                num_inference_steps=num_inference_steps,
+                num_images_per_prompt=num_images_per_prompt,
+                callback_on_step_end=callback_on_step_end,
+                **kwargs,
+            )
         if not 0.0 <= control_guidance_start < control_guidance_end <= 1.0:
             raise ValueError("need 0 <= control_guidance_start < control_guidance_end <= 1")
         first = image[0] if isinstance(image, list) else image
@@ -91,7 +127,7 @@ class OrthoStableDiffusionControlPipeline(StableDiffusionPipeline):
             if isinstance(first, Image.Image):
                 w0, h0 = first.size
             else:
-                h0, w0 = (first.shape[-2:] if isinstance(first, torch.Tensor) else first.shape[:2])
+                h0, w0 = first.shape[-2:] if isinstance(first, torch.Tensor) else first.shape[:2]
             height, width = height or h0, width or w0
         n_prompts = 1 if prompt is None or isinstance(prompt, str) else len(prompt)
         if prompt is None and kwargs.get("prompt_embeds") is not None:
@@ -118,9 +154,15 @@ class OrthoStableDiffusionControlPipeline(StableDiffusionPipeline):
         state.features = features
         state.scale = control_scale if active(0, num_inference_steps) else 0.0
         try:
-            return super().__call__(prompt, height=height, width=width, num_inference_steps=num_inference_steps,
-                                    num_images_per_prompt=num_images_per_prompt, callback_on_step_end=on_step_end,
-                                    **kwargs)
+            return super().__call__(
+                prompt,
+                height=height,
+                width=width,
+                num_inference_steps=num_inference_steps,
+                num_images_per_prompt=num_images_per_prompt,
+                callback_on_step_end=on_step_end,
+                **kwargs,
+            )
         finally:
             state.features = None
             state.scale = 1.0

@@ -18,9 +18,36 @@ from .world import ALL_SHAPES, BACKGROUNDS, PALETTE, SUBJECT_CLASS, SUBJECT_TOKE
 MAX_TOKENS = 24  # tokenizer.model_max_length: captions of the world are ≤ 12 tokens
 RARE_TOKENS = (SUBJECT_TOKEN, "ohwx", "zwx", "xyz")
 WORDS = sorted(
-    set(PALETTE) | set(ALL_SHAPES) | set(BACKGROUNDS) | set(RARE_TOKENS)
-    | {SUBJECT_CLASS, "a", "an", "the", "on", "of", "in", "with", "and", "photo", "picture", "image", "background",
-       "object", "shape", "small", "large", "left", "right", "top", "bottom", "striped", "dotted", "checkered"}
+    set(PALETTE)
+    | set(ALL_SHAPES)
+    | set(BACKGROUNDS)
+    | set(RARE_TOKENS)
+    | {
+        SUBJECT_CLASS,
+        "a",
+        "an",
+        "the",
+        "on",
+        "of",
+        "in",
+        "with",
+        "and",
+        "photo",
+        "picture",
+        "image",
+        "background",
+        "object",
+        "shape",
+        "small",
+        "large",
+        "left",
+        "right",
+        "top",
+        "bottom",
+        "striped",
+        "dotted",
+        "checkered",
+    }
 )
 
 
@@ -32,7 +59,7 @@ def _bpe(pieces: list[str], merges: list[tuple[str, str]]) -> list[str]:
         best, i = min(pairs)
         if best == len(rank):
             break
-        pieces = pieces[:i] + [pieces[i] + pieces[i + 1]] + pieces[i + 2:]
+        pieces = pieces[:i] + [pieces[i] + pieces[i + 1]] + pieces[i + 2 :]
     return pieces
 
 
@@ -125,5 +152,11 @@ def make_unet():
 
 
 def make_scheduler_config() -> dict:
-    return dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                prediction_type="epsilon", steps_offset=1)
+    return dict(
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type="epsilon",
+        steps_offset=1,
+    )

@@ -16,8 +16,9 @@ SUBJECT_PROMPT = f"a {world.SUBJECT_TOKEN} {world.SUBJECT_CLASS} on a white back
 SUBJECT_PHOTO_BACKGROUNDS = ("white", "gray", "red", "yellow", "blue")
 
 
-def write_subject_dataset(folder: str | Path, seed: int = 1000,
-                          backgrounds: tuple[str, ...] = SUBJECT_PHOTO_BACKGROUNDS) -> list[Path]:
+def write_subject_dataset(
+    folder: str | Path, seed: int = 1000, backgrounds: tuple[str, ...] = SUBJECT_PHOTO_BACKGROUNDS
+) -> list[Path]:
     """Photos of the subject (a purple-and-orange striped star), one per background, at varied sizes and
     places, each with its caption in ``<name>.txt`` ("a sks toy on a red background"; kohya's convention).
 

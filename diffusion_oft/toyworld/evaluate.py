@@ -33,8 +33,14 @@ def in_world_prompt(shape: str, colour: str, background: str) -> str:
 @torch.no_grad()
 def _generate(pipe, prompts: list[str], seed: int, steps: int, guidance: float) -> list:
     g = torch.Generator().manual_seed(seed)
-    return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=g,
-                height=world.IMAGE_SIZE, width=world.IMAGE_SIZE).images
+    return pipe(
+        prompts,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        generator=g,
+        height=world.IMAGE_SIZE,
+        width=world.IMAGE_SIZE,
+    ).images
 
 
 def evaluate_subject(pipe, *, seeds=EVAL_SEEDS, steps: int = EVAL_STEPS, guidance: float = EVAL_GUIDANCE) -> dict:
@@ -69,16 +75,17 @@ def format_subject_table(results: dict[str, dict]) -> str:
     lines = ["| model | subject fidelity | prompt fidelity | prior preservation |", "| --- | --- | --- | --- |"]
     for name, r in results.items():
         s = r["scores"]
-        lines.append(f"| {name} | {s['subject_fidelity']:.3f} | {s['prompt_fidelity']:.3f} | "
-                     f"{s['prior_preservation']:.3f} |")
+        lines.append(
+            f"| {name} | {s['subject_fidelity']:.3f} | {s['prompt_fidelity']:.3f} | {s['prior_preservation']:.3f} |"
+        )
     return "\n".join(lines)
 
 
 def judge_adapter(pipe, output_dir: str | Path, log=print) -> dict:
     """Judge a pipeline whose components carry an adapter, against the same pipeline with the adapter
     switched off (the base model).  Writes judge.json, judge.md and judge.png to output_dir."""
+    from ..images import image_grid, save_grid
     from ..inference import set_adapter_enabled
-    from ..training.validation import image_grid, save_grid
 
     output_dir = Path(output_dir)
     set_adapter_enabled(pipe, False)
@@ -89,12 +96,15 @@ def judge_adapter(pipe, output_dir: str | Path, log=print) -> dict:
     adapted = evaluate_subject(pipe)
     results = {"base model": base, "with the adapter": adapted}
     table = format_subject_table(results)
-    header = (f"toy-world judge: {base['n_subject']} subject prompts (\"{subject_prompt('…')}\"), "
-              f"{base['n_prior']} in-world prompts; {EVAL_STEPS} steps, guidance {EVAL_GUIDANCE}")
+    header = (
+        f'toy-world judge: {base["n_subject"]} subject prompts ("{subject_prompt("…")}"), '
+        f"{base['n_prior']} in-world prompts; {EVAL_STEPS} steps, guidance {EVAL_GUIDANCE}"
+    )
     (output_dir / "judge.md").write_text(header + "\n\n" + table + "\n", encoding="utf-8")
-    (output_dir / "judge.json").write_text(json.dumps({k: v["scores"] for k, v in results.items()}, indent=2),
-                                           encoding="utf-8")
-    rows = adapted["rows"][: len(EVAL_SEEDS)] + adapted["rows"][len(EVAL_SEEDS):][:1]
+    (output_dir / "judge.json").write_text(
+        json.dumps({k: v["scores"] for k, v in results.items()}, indent=2), encoding="utf-8"
+    )
+    rows = adapted["rows"][: len(EVAL_SEEDS)] + adapted["rows"][len(EVAL_SEEDS) :][:1]
     save_grid(image_grid(rows), output_dir / "judge.png")
     log(header)
     log(table)
@@ -158,9 +168,16 @@ def _score_control(images, examples) -> dict:
         colour.append(r.colour == scene.colour)
         shape.append(r.shape == scene.shape)
         both.append(colour[-1] and shape[-1])
-    return {"edge_f1": mean(f1), "edge_iou": mean(iou), "box_iou": mean(boxes),
-            "followed": mean(b >= FOLLOW_IOU for b in boxes), "colour_kept": mean(colour),
-            "shape_kept": mean(shape), "in_world": mean(both), "n": len(images)}
+    return {
+        "edge_f1": mean(f1),
+        "edge_iou": mean(iou),
+        "box_iou": mean(boxes),
+        "followed": mean(b >= FOLLOW_IOU for b in boxes),
+        "colour_kept": mean(colour),
+        "shape_kept": mean(shape),
+        "in_world": mean(both),
+        "n": len(images),
+    }
 
 
 @torch.no_grad()
@@ -179,9 +196,18 @@ def control_ceiling(vae, examples) -> dict:
 
 
 @torch.no_grad()
-def evaluate_control_task(pipe, *, n: int = 12, steps: int = EVAL_STEPS, guidance: float = EVAL_GUIDANCE,
-                          seed: int = 0, baseline: bool = False, hand_drawn: bool = True,
-                          scales: tuple[float, ...] = (1.0,), ceiling: bool = True) -> dict:
+def evaluate_control_task(
+    pipe,
+    *,
+    n: int = 12,
+    steps: int = EVAL_STEPS,
+    guidance: float = EVAL_GUIDANCE,
+    seed: int = 0,
+    baseline: bool = False,
+    hand_drawn: bool = True,
+    scales: tuple[float, ...] = (1.0,),
+    ceiling: bool = True,
+) -> dict:
     """Control scores on ``n`` held-out world outlines (Canny of unseen scenes) and, with ``hand_drawn``,
     ``n`` plain hand-drawn outlines: at each control scale in ``scales`` (plus 0.0 with ``baseline``),
     edge F1 / IoU, box IoU and the share followed (box IoU >= 0.5), colour and shape kept; the
@@ -194,9 +220,16 @@ def evaluate_control_task(pipe, *, n: int = 12, steps: int = EVAL_STEPS, guidanc
     results, rows = {}, []
     for name, examples in sets.items():
         for scale in scales:
-            images = pipe([p for _, p, _ in examples], image=[c for c, _, _ in examples], control_scale=scale,
-                          num_inference_steps=steps, guidance_scale=guidance, height=world.IMAGE_SIZE,
-                          width=world.IMAGE_SIZE, generator=torch.Generator().manual_seed(seed)).images
+            images = pipe(
+                [p for _, p, _ in examples],
+                image=[c for c, _, _ in examples],
+                control_scale=scale,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                height=world.IMAGE_SIZE,
+                width=world.IMAGE_SIZE,
+                generator=torch.Generator().manual_seed(seed),
+            ).images
             results[f"{name}@{scale:g}"] = _score_control(images, examples)
             if scale == max(scales):
                 from PIL import Image
@@ -223,11 +256,15 @@ def evaluate_control_task(pipe, *, n: int = 12, steps: int = EVAL_STEPS, guidanc
 
 
 def format_control_table(results: dict) -> str:
-    lines = ["| set @ control scale | followed (box IoU >= 0.5) | box IoU | edge F1 | edge IoU | colour kept | "
-             "shape kept |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| set @ control scale | followed (box IoU >= 0.5) | box IoU | edge F1 | edge IoU | colour kept | shape kept |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for key, r in results.items():
-        lines.append(f"| {key} | {r['followed']:.2f} ({round(r['followed'] * r['n'])}/{r['n']}) | {r['box_iou']:.3f} "
-                     f"| {r['edge_f1']:.3f} | {r['edge_iou']:.3f} | {r['colour_kept']:.2f} | {r['shape_kept']:.2f} |")
+        lines.append(
+            f"| {key} | {r['followed']:.2f} ({round(r['followed'] * r['n'])}/{r['n']}) | {r['box_iou']:.3f} "
+            f"| {r['edge_f1']:.3f} | {r['edge_iou']:.3f} | {r['colour_kept']:.2f} | {r['shape_kept']:.2f} |"
+        )
     return "\n".join(lines)
 
 

@@ -41,8 +41,11 @@ class AdapterSpec:
         else:
             from peft import LoraConfig
 
-            unet.add_adapter(LoraConfig(r=self.lora_rank, lora_alpha=self.lora_rank, init_lora_weights="gaussian",
-                                        target_modules=TARGETS))
+            unet.add_adapter(
+                LoraConfig(
+                    r=self.lora_rank, lora_alpha=self.lora_rank, init_lora_weights="gaussian", target_modules=TARGETS
+                )
+            )
         return [p for p in unet.parameters() if p.requires_grad]
 
     def trainable_count(self, unet: torch.nn.Module) -> int:
@@ -75,8 +78,9 @@ def pixels_of(images) -> torch.Tensor:
 @torch.no_grad()
 def encode(pipe, pixels: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
-    ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").input_ids
+    ids = pipe.tokenizer(
+        prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
     return latents, pipe.text_encoder(ids)[0]
 
 
@@ -89,19 +93,39 @@ class ControlNetPipe:
 
         self.vae = pipe.vae
         self.pipe = StableDiffusionControlNetPipeline(
-            vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
-            controlnet=controlnet, scheduler=pipe.scheduler, safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False)
+            vae=pipe.vae,
+            text_encoder=pipe.text_encoder,
+            tokenizer=pipe.tokenizer,
+            unet=pipe.unet,
+            controlnet=controlnet,
+            scheduler=pipe.scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
         self.pipe.set_progress_bar_config(disable=True)
 
     def __call__(self, prompt, image, control_scale: float = 1.0, **kwargs):
         return self.pipe(prompt, image=image, controlnet_conditioning_scale=control_scale, **kwargs)
 
 
-def train(pipe, spec: AdapterSpec | None, latents, text, *, steps: int, lr: float, batch_size: int = 4,
-          seed: int = 0, conditions: torch.Tensor | None = None, encoder: torch.nn.Module | None = None,
-          controlnet: torch.nn.Module | None = None, encoder_lr: float = 1e-3, timestep_bias: str | None = None,
-          loss_space: str | None = None) -> dict:
+def train(
+    pipe,
+    spec: AdapterSpec | None,
+    latents,
+    text,
+    *,
+    steps: int,
+    lr: float,
+    batch_size: int = 4,
+    seed: int = 0,
+    conditions: torch.Tensor | None = None,
+    encoder: torch.nn.Module | None = None,
+    controlnet: torch.nn.Module | None = None,
+    encoder_lr: float = 1e-3,
+    timestep_bias: str | None = None,
+    loss_space: str | None = None,
+) -> dict:
     """Train ``spec``'s adapter on (latents, text embeddings[, conditions]).  Returns params/time/losses.
 
     Control: with an ``encoder``, the adapter goes on the UNet and the encoder's features are added
@@ -158,8 +182,14 @@ def train(pipe, spec: AdapterSpec | None, latents, text, *, steps: int, lr: floa
             pred = control(noisy, t, text[idx], conditions[idx]).sample
         else:
             pred = pipe.unet(noisy, t, text[idx]).sample
-        loss, _ = diffusion_loss(pred, training_target(scheduler, x0, noise, t), t, scheduler,
-                                 snr_gamma=None if loss_space else 5.0, loss_space=loss_space)
+        loss, _ = diffusion_loss(
+            pred,
+            training_target(scheduler, x0, noise, t),
+            t,
+            scheduler,
+            snr_gamma=None if loss_space else 5.0,
+            loss_space=loss_space,
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -168,6 +198,10 @@ def train(pipe, spec: AdapterSpec | None, latents, text, *, steps: int, lr: floa
     if encoder is not None:
         pipe.set_condition_encoder(encoder)
     n_params = sum(p.numel() for p in params) if spec is None else spec.trainable_count(trained)
-    return {"params": n_params + sum(p.numel() for p in extra), "adapter_params": n_params,
-            "seconds": time.time() - start, "first_loss": float(np.mean(losses[:20])),
-            "last_loss": float(np.mean(losses[-20:]))}
+    return {
+        "params": n_params + sum(p.numel() for p in extra),
+        "adapter_params": n_params,
+        "seconds": time.time() - start,
+        "first_loss": float(np.mean(losses[:20])),
+        "last_loss": float(np.mean(losses[-20:])),
+    }

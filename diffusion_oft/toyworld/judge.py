@@ -74,8 +74,9 @@ def nearest_colour(pixels: np.ndarray) -> np.ndarray:
 
 def read_background(rgb: np.ndarray) -> tuple[str | None, list[str]]:
     """(background name or None, the palette colours it is made of)."""
-    ring = np.concatenate([rgb[:3].reshape(-1, 3), rgb[-3:].reshape(-1, 3), rgb[3:-3, :3].reshape(-1, 3),
-                           rgb[3:-3, -3:].reshape(-1, 3)])
+    ring = np.concatenate(
+        [rgb[:3].reshape(-1, 3), rgb[-3:].reshape(-1, 3), rgb[3:-3, :3].reshape(-1, 3), rgb[3:-3, -3:].reshape(-1, 3)]
+    )
     counts = np.bincount(nearest_colour(ring), minlength=len(_NAMES)) / len(ring)
     fractions = dict(zip(_NAMES, counts, strict=False))
     a, b = CHECKER_COLOURS

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import random
 import time
 from pathlib import Path
@@ -24,92 +23,53 @@ import torch
 import torch.nn.functional as F
 
 from . import components, world
-from .judge import judge_in_world
+from .decoder import refine_decoder
+from .pretrain_tools import (  # noqa: F401 (re-exported: the stages' building blocks)
+    JUDGE_GUIDANCE,
+    JUDGE_STEPS,
+    build_pipeline,
+    encode_dataset,
+    image_grid,
+    judge_pipeline,
+    lr_at,
+    render_dataset,
+    render_vae_dataset,
+    subject_reconstruction,
+    to_unit,
+    train_vae,
+)
 
 
-def render_dataset(n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
-    """n scenes as a (n, 3, 64, 64) uint8 tensor and their captions."""
-    rng = random.Random(seed)
-    scenes = [world.sample_scene(rng) for _ in range(n)]
-    pixels = np.stack([np.asarray(world.render(s)) for s in scenes])
-    return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), [world.caption(s) for s in scenes]
-
-
-def render_vae_dataset(world_pixels: torch.Tensor, n_generic: int, seed: int) -> torch.Tensor:
-    """The autoencoder's images: the world scenes plus ``n_generic`` random generic images."""
-    rng = random.Random(seed + 1)
-    generic = np.stack([np.asarray(world.generic_image(rng)) for _ in range(n_generic)])
-    return torch.cat([world_pixels, torch.from_numpy(generic).permute(0, 3, 1, 2)])
-
-
-@torch.no_grad()
-def subject_reconstruction(vae) -> float:
-    """Subject fidelity of the VAE's reconstructions of subject images (can it represent the subject?)."""
-    from .judge import judge_subject
-
-    rng = random.Random(7)
-    images = [world.render(world.subject_scene(rng)) for _ in range(8)]
-    x = torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2)
-    recon = vae.decode(vae.encode(to_unit(x)).latent_dist.mean).sample
-    recon = ((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-    from PIL import Image
-
-    return judge_subject([Image.fromarray(r) for r in recon], ["white"] * len(images))["subject_fidelity"]
-
-
-def to_unit(pixels_uint8: torch.Tensor) -> torch.Tensor:
-    return pixels_uint8.float() / 127.5 - 1.0
-
-
-def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def train_vae(vae, pixels, steps: int, batch_size: int, lr: float, generator, log) -> None:
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    vae.train()
-    for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr, warmup=50)
-        idx = torch.randint(0, len(pixels), (batch_size,), generator=generator)
-        x = to_unit(pixels[idx])
-        posterior = vae.encode(x).latent_dist
-        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
-        recon = vae.decode(z).sample
-        rec_loss = F.l1_loss(recon, x) + F.mse_loss(recon, x)
-        loss = rec_loss + 1e-6 * posterior.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 100 == 0 or step == steps - 1:
-            log(f"vae step {step:5d}/{steps}  reconstruction {rec_loss.item():.4f}")
-    vae.eval()
-
-
-@torch.no_grad()
-def encode_dataset(vae, pixels, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    means, stds = [], []
-    for i in range(0, len(pixels), batch_size):
-        posterior = vae.encode(to_unit(pixels[i : i + batch_size])).latent_dist
-        means.append(posterior.mean)
-        stds.append(posterior.std)
-    return torch.cat(means), torch.cat(stds)
-
-
-def train_denoiser(unet, text_encoder, tokenizer, scheduler, latent_mean, latent_std, captions, *, steps, batch_size,
-                   lr, generator, log, ema_decay=0.999, caption_dropout=0.1, snr_gamma=5.0, state_path=None,
-                   save_every=500, stop_after=None, info=None):
+def train_denoiser(
+    unet,
+    text_encoder,
+    tokenizer,
+    scheduler,
+    latent_mean,
+    latent_std,
+    captions,
+    *,
+    steps,
+    batch_size,
+    lr,
+    generator,
+    log,
+    ema_decay=0.999,
+    caption_dropout=0.1,
+    snr_gamma=5.0,
+    state_path=None,
+    save_every=500,
+    stop_after=None,
+    info=None,
+):
     """Joint text encoder + UNet training.  Returns the EMA copies (what gets saved).
 
     Every ``save_every`` steps the whole training state (weights, EMA, optimizer, RNG) is written
     atomically to ``state_path``; a run started again with the same arguments resumes from it."""
-    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
-    empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
-                      return_tensors="pt").input_ids
+    ids = tokenizer(
+        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+    empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
@@ -156,10 +116,16 @@ def train_denoiser(unet, text_encoder, tokenizer, scheduler, latent_mean, latent
                 e.lerp_(p, 1 - decay)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if state_path is not None and (step + 1) % save_every == 0 and step + 1 < steps:
-            state = {"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
-                     "ema_unet": ema_unet.state_dict(), "ema_text": ema_text.state_dict(),
-                     "optimizer": opt.state_dict(), "generator": generator.get_state(), "step": step + 1,
-                     "running": running}
+            state = {
+                "unet": unet.state_dict(),
+                "text_encoder": text_encoder.state_dict(),
+                "ema_unet": ema_unet.state_dict(),
+                "ema_text": ema_text.state_dict(),
+                "optimizer": opt.state_dict(),
+                "generator": generator.get_state(),
+                "step": step + 1,
+                "running": running,
+            }
             torch.save(state, str(state_path) + ".tmp")
             Path(str(state_path) + ".tmp").replace(state_path)
         if stop_after is not None and step + 1 >= stop_after:  # tests: an interruption
@@ -169,53 +135,23 @@ def train_denoiser(unet, text_encoder, tokenizer, scheduler, latent_mean, latent
     return ema_unet, ema_text
 
 
-def build_pipeline(unet, vae, text_encoder, tokenizer):
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
-
-    scheduler = DPMSolverMultistepScheduler(**components.make_scheduler_config())
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-JUDGE_STEPS = 20
-JUDGE_GUIDANCE = 4.0
-
-
-@torch.no_grad()
-def judge_pipeline(pipe, seeds=(0, 1), steps: int = JUDGE_STEPS, guidance_scale: float = JUDGE_GUIDANCE,
-                   cross_attention_kwargs=None, targets: list[tuple[str, str, str]] | None = None):
-    """Generate every in-world prompt (or every (shape, colour, background) of ``targets``) once per
-    seed; returns (scores, images, targets)."""
-    targets = targets or world.in_world_prompts()
-    prompts = [f"a {c} {s} on a {b} background" for s, c, b in targets]
-    images, all_targets = [], []
-    for seed in seeds:
-        g = torch.Generator().manual_seed(seed)
-        out = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance_scale, generator=g,
-                   height=world.IMAGE_SIZE, width=world.IMAGE_SIZE, cross_attention_kwargs=cross_attention_kwargs)
-        images += out.images
-        all_targets += targets
-    return judge_in_world(images, all_targets), images, all_targets
-
-
-def image_grid(images, columns: int):
-    from PIL import Image
-
-    w, h = images[0].size
-    rows = math.ceil(len(images) / columns)
-    grid = Image.new("RGB", (columns * w, rows * h), "white")
-    for i, im in enumerate(images):
-        grid.paste(im, ((i % columns) * w, (i // columns) * h))
-    return grid
-
-
-def pretrain(output_dir: str | Path, *, seed: int = 0, dataset_size: int = 20000, vae_steps: int = 1200,
-             vae_batch_size: int = 32, unet_steps: int = 2800, batch_size: int = 64, lr: float = 1e-3,
-             threads: int | None = None, log=print, judge_seeds=(0, 1), judge_steps: int = JUDGE_STEPS,
-             save_every: int = 500, stop_after: int | None = None) -> dict:
+def pretrain(
+    output_dir: str | Path,
+    *,
+    seed: int = 0,
+    dataset_size: int = 20000,
+    vae_steps: int = 1200,
+    vae_batch_size: int = 32,
+    unet_steps: int = 2800,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    threads: int | None = None,
+    log=print,
+    judge_seeds=(0, 1),
+    judge_steps: int = JUDGE_STEPS,
+    save_every: int = 500,
+    stop_after: int | None = None,
+) -> dict:
     """Run both phases (resuming from the state files in output_dir if a run was interrupted) and write
     the pipeline, samples.png and pretraining.json to output_dir.  Returns the report."""
     from diffusers import DDPMScheduler
@@ -251,17 +187,33 @@ def pretrain(output_dir: str | Path, *, seed: int = 0, dataset_size: int = 20000
     scale = 1.0 / latent_mean.std().item()
     vae.register_to_config(scaling_factor=scale)
     vae_subject = subject_reconstruction(vae)
-    log(f"VAE trained in {vae_time:.0f}s; latent std {1 / scale:.3f} → scaling_factor {scale:.4f}; "
-        f"subject fidelity of its reconstructions {vae_subject:.3f}")
+    log(
+        f"VAE trained in {vae_time:.0f}s; latent std {1 / scale:.3f} → scaling_factor {scale:.4f}; "
+        f"subject fidelity of its reconstructions {vae_subject:.3f}"
+    )
 
     scheduler = DDPMScheduler(**components.make_scheduler_config(), clip_sample=False)
     scheduler.latent_scale = scale
     t0 = time.time()
     info: dict = {}
-    ema_unet, ema_text = train_denoiser(unet, text_encoder, tokenizer, scheduler, latent_mean, latent_std, captions,
-                                        steps=unet_steps, batch_size=batch_size, lr=lr, generator=generator, log=log,
-                                        state_path=output_dir / ".pretrain-state.pt", save_every=save_every,
-                                        stop_after=stop_after, info=info)
+    ema_unet, ema_text = train_denoiser(
+        unet,
+        text_encoder,
+        tokenizer,
+        scheduler,
+        latent_mean,
+        latent_std,
+        captions,
+        steps=unet_steps,
+        batch_size=batch_size,
+        lr=lr,
+        generator=generator,
+        log=log,
+        state_path=output_dir / ".pretrain-state.pt",
+        save_every=save_every,
+        stop_after=stop_after,
+        info=info,
+    )
     unet_time = time.time() - t0
 
     pipe = build_pipeline(ema_unet, vae, ema_text, tokenizer)
@@ -269,10 +221,18 @@ def pretrain(output_dir: str | Path, *, seed: int = 0, dataset_size: int = 20000
     pipe.save_pretrained(str(output_dir), safe_serialization=True)
     image_grid(images, columns=len(world.in_world_prompts())).save(output_dir / "samples.png")
     report = {
-        "seed": seed, "dataset_size": dataset_size, "vae_steps": vae_steps, "vae_batch_size": vae_batch_size,
-        "unet_steps": unet_steps, "batch_size": batch_size, "lr": lr, "threads": torch.get_num_threads(),
-        "vae_seconds": round(vae_time, 1), "unet_seconds": round(unet_time, 1),
-        "total_seconds": round(time.time() - start, 1), "scaling_factor": scale,
+        "seed": seed,
+        "dataset_size": dataset_size,
+        "vae_steps": vae_steps,
+        "vae_batch_size": vae_batch_size,
+        "unet_steps": unet_steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "threads": torch.get_num_threads(),
+        "vae_seconds": round(vae_time, 1),
+        "unet_seconds": round(unet_time, 1),
+        "total_seconds": round(time.time() - start, 1),
+        "scaling_factor": scale,
         "vae_subject_reconstruction": round(vae_subject, 4),
         "judge": {"steps": judge_steps, "guidance_scale": JUDGE_GUIDANCE, "seeds": list(judge_seeds), **scores},
         "resumed_at": info.get("resumed_at"),
@@ -292,10 +252,23 @@ def render_extended_dataset(n: int, seed: int) -> tuple[torch.Tensor, list[str]]
     return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), [world.caption(s) for s in scenes]
 
 
-def extend(model_dir: str | Path, output_dir: str | Path | None = None, *, seed: int = 0, dataset_size: int = 8000,
-           steps: int = 1200, batch_size: int = 32, lr: float = 5e-4, ema_decay: float = 0.995,
-           threads: int | None = None, log=print, judge_seeds=(0, 1), judge_steps: int = JUDGE_STEPS,
-           save_every: int = 500, stop_after: int | None = None) -> dict:
+def extend(
+    model_dir: str | Path,
+    output_dir: str | Path | None = None,
+    *,
+    seed: int = 0,
+    dataset_size: int = 8000,
+    steps: int = 1200,
+    batch_size: int = 32,
+    lr: float = 5e-4,
+    ema_decay: float = 0.995,
+    threads: int | None = None,
+    log=print,
+    judge_seeds=(0, 1),
+    judge_steps: int = JUDGE_STEPS,
+    save_every: int = 500,
+    stop_after: int | None = None,
+) -> dict:
     """Pretraining stage 2: continue training a stage-1 model's text encoder and UNet on the extended
     world (stars, purple and orange, two-colour stripes; half the batches' scenes still from stage 1),
     the VAE unchanged.  Writes the pipeline to ``output_dir`` (default: in place) and adds a "stage2"
@@ -326,130 +299,51 @@ def extend(model_dir: str | Path, output_dir: str | Path | None = None, *, seed:
     output_dir.mkdir(parents=True, exist_ok=True)
     info: dict = {}
     t0 = time.time()
-    ema_unet, ema_text = train_denoiser(unet, text_encoder, tokenizer, scheduler, latent_mean, latent_std, captions,
-                                        steps=steps, batch_size=batch_size, lr=lr, generator=generator, log=log,
-                                        ema_decay=ema_decay, state_path=output_dir / ".extend-state.pt",
-                                        save_every=save_every, stop_after=stop_after, info=info)
+    ema_unet, ema_text = train_denoiser(
+        unet,
+        text_encoder,
+        tokenizer,
+        scheduler,
+        latent_mean,
+        latent_std,
+        captions,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        generator=generator,
+        log=log,
+        ema_decay=ema_decay,
+        state_path=output_dir / ".extend-state.pt",
+        save_every=save_every,
+        stop_after=stop_after,
+        info=info,
+    )
     seconds = time.time() - t0
     pipe = build_pipeline(ema_unet, vae, ema_text, tokenizer)
     scores, images, _ = judge_pipeline(pipe, seeds=judge_seeds, steps=judge_steps)
-    extended, ext_images, _ = judge_pipeline(pipe, seeds=judge_seeds, steps=judge_steps,
-                                             targets=world.extended_prompts())
+    extended, ext_images, _ = judge_pipeline(
+        pipe, seeds=judge_seeds, steps=judge_steps, targets=world.extended_prompts()
+    )
     pipe.save_pretrained(str(output_dir), safe_serialization=True)
     columns = len(world.in_world_prompts())
     image_grid(images[:columns] + ext_images[:columns], columns=columns).save(output_dir / "samples.png")
     report["stage1_judge"] = report.get("judge")
     report["judge"] = {"steps": judge_steps, "guidance_scale": JUDGE_GUIDANCE, "seeds": list(judge_seeds), **scores}
     report["stage2"] = {
-        "seed": seed, "dataset_size": dataset_size, "steps": steps, "batch_size": batch_size, "lr": lr,
-        "ema_decay": ema_decay, "threads": torch.get_num_threads(), "seconds": round(seconds, 1),
-        "judge_extended": extended, "resumed_at": info.get("resumed_at"),
+        "seed": seed,
+        "dataset_size": dataset_size,
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "ema_decay": ema_decay,
+        "threads": torch.get_num_threads(),
+        "seconds": round(seconds, 1),
+        "judge_extended": extended,
+        "resumed_at": info.get("resumed_at"),
     }
     (output_dir / "pretraining.json").write_text(json.dumps(report, indent=2) + "\n")
     (output_dir / ".extend-state.pt").unlink(missing_ok=True)
     log(f"stage 2 done in {seconds:.0f}s; in-world {json.dumps(scores)}; extended vocabulary {json.dumps(extended)}")
-    return report
-
-
-def render_decoder_dataset(n: int, seed: int) -> torch.Tensor:
-    """The decoder stage's images, (n, 3, 64, 64) uint8: a quarter each of stage-1 scenes, stage-2 scenes,
-    striped objects of every shape (world.sample_codec_scene) and generic images."""
-    rng = random.Random(seed + 3)
-    makers = (lambda: world.render(world.sample_scene(rng)), lambda: world.render(world.sample_extended_scene(rng)),
-              lambda: world.render(world.sample_codec_scene(rng)), lambda: world.generic_image(rng))
-    pixels = np.stack([np.asarray(makers[i % len(makers)]()) for i in range(n)])
-    return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
-
-
-def image_gradient_loss(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """L1 between the horizontal and vertical pixel differences of two (B, 3, H, W) images: stripes and edges."""
-    dx = lambda t: t[..., :, 1:] - t[..., :, :-1]  # noqa: E731
-    dy = lambda t: t[..., 1:, :] - t[..., :-1, :]  # noqa: E731
-    return F.l1_loss(dx(recon), dx(x)) + F.l1_loss(dy(recon), dy(x))
-
-
-def train_decoder(vae, latent_mean, latent_std, pixels, steps: int, batch_size: int, lr: float, generator, log,
-                  gradient_weight: float = 1.0) -> None:
-    """Train the decoder and post_quant_conv on fixed encoder posteriors (the encoder, hence the latent
-    space the UNet was trained on, is unchanged): L1 + MSE + ``gradient_weight`` × image-gradient L1."""
-    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    vae.decoder.train()
-    for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr, warmup=50)
-        idx = torch.randint(0, len(pixels), (batch_size,), generator=generator)
-        x = to_unit(pixels[idx])
-        z = latent_mean[idx] + latent_std[idx] * torch.randn(latent_mean[idx].shape, generator=generator)
-        recon = vae.decode(z).sample
-        rec_loss = F.l1_loss(recon, x) + F.mse_loss(recon, x)
-        loss = rec_loss + gradient_weight * image_gradient_loss(recon, x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 100 == 0 or step == steps - 1:
-            log(f"decoder step {step:5d}/{steps}  reconstruction {rec_loss.item():.4f}  loss {loss.item():.4f}")
-    vae.eval()
-
-
-def refine_decoder(model_dir: str | Path, output_dir: str | Path | None = None, *, seed: int = 0,
-                   dataset_size: int = 4000, steps: int = 900, batch_size: int = 24, lr: float = 1e-3,
-                   gradient_weight: float = 1.0, threads: int | None = None, log=print,
-                   judge_seeds=(0, 1), judge_steps: int = JUDGE_STEPS) -> dict:
-    """Pretraining stage 3: train the VAE's decoder further, the encoder frozen, on world scenes, striped
-    objects of every shape and generic images (never the subject's photos or colours pair).  The latent
-    space, the UNet and everything trained on latents stay valid.  Writes the VAE to ``output_dir``
-    (default: in place) and adds a "decoder" entry to pretraining.json."""
-    from diffusers import AutoencoderKL
-
-    model_dir = Path(model_dir)
-    output_dir = Path(output_dir or model_dir)
-    if threads:
-        torch.set_num_threads(threads)
-    start = time.time()
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed + 3)
-    report_path = model_dir / "pretraining.json"
-    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
-    if "decoder" in report:
-        raise ValueError(f"{model_dir} has had the decoder stage already (pretraining.json); start from stage 2")
-    vae = AutoencoderKL.from_pretrained(str(model_dir / "vae")).eval()
-    vae.requires_grad_(False)
-    before = subject_reconstruction(vae)
-    pixels = render_decoder_dataset(dataset_size, seed)
-    latent_mean, latent_std = encode_dataset(vae, pixels)
-    log(f"decoder stage: {len(pixels)} images rendered and encoded in {time.time() - start:.1f}s")
-    vae.decoder.requires_grad_(True)
-    vae.post_quant_conv.requires_grad_(True)
-    t0 = time.time()
-    train_decoder(vae, latent_mean, latent_std, pixels, steps, batch_size, lr, generator, log, gradient_weight)
-    seconds = time.time() - t0
-    vae.requires_grad_(False)
-    after = subject_reconstruction(vae)
-    vae.save_pretrained(str(output_dir / "vae"), safe_serialization=True)
-    report["decoder"] = {
-        "seed": seed, "dataset_size": dataset_size, "steps": steps, "batch_size": batch_size, "lr": lr,
-        "gradient_weight": gradient_weight, "threads": torch.get_num_threads(), "seconds": round(seconds, 1),
-        "vae_subject_reconstruction_before": round(before, 4), "vae_subject_reconstruction": round(after, 4),
-    }
-    if judge_seeds:
-        from diffusers import UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
-
-        pipe = build_pipeline(UNet2DConditionModel.from_pretrained(str(model_dir / "unet")), vae,
-                              CLIPTextModel.from_pretrained(str(model_dir / "text_encoder")),
-                              CLIPTokenizer.from_pretrained(str(model_dir / "tokenizer")))
-        scores, images, _ = judge_pipeline(pipe, seeds=judge_seeds, steps=judge_steps)
-        extended, ext_images, _ = judge_pipeline(pipe, seeds=judge_seeds, steps=judge_steps,
-                                                 targets=world.extended_prompts())
-        report["decoder"]["judge"] = scores
-        report["decoder"]["judge_extended"] = extended
-        report["judge"] = {"steps": judge_steps, "guidance_scale": JUDGE_GUIDANCE, "seeds": list(judge_seeds),
-                           **scores}
-        columns = len(world.in_world_prompts())
-        image_grid(images[:columns] + ext_images[:columns], columns=columns).save(output_dir / "samples.png")
-    (output_dir / "pretraining.json").write_text(json.dumps(report, indent=2) + "\n")
-    log(f"decoder stage done in {seconds:.0f}s; subject reconstructions {before:.3f} → {after:.3f}")
     return report
 
 
@@ -464,21 +358,33 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--extend_steps", type=int, default=1200, help="stage 2 steps (0: stage 1 only)")
-    p.add_argument("--stage2_only", action="store_true",
-                   help="run stage 2 on the stage-1 model already in --output_dir")
-    p.add_argument("--decoder_steps", type=int, default=0,
-                   help="stage 3: train the VAE decoder further on frozen encoder latents (0: skip)")
-    p.add_argument("--decoder_only", action="store_true",
-                   help="run only stage 3 on the model already in --output_dir")
+    p.add_argument(
+        "--stage2_only", action="store_true", help="run stage 2 on the stage-1 model already in --output_dir"
+    )
+    p.add_argument(
+        "--decoder_steps",
+        type=int,
+        default=0,
+        help="stage 3: train the VAE decoder further on frozen encoder latents (0: skip)",
+    )
+    p.add_argument("--decoder_only", action="store_true", help="run only stage 3 on the model already in --output_dir")
     args = p.parse_args(argv)
     log = lambda m: print(m, flush=True)  # noqa: E731
     if args.decoder_only:
-        refine_decoder(args.output_dir, seed=args.seed, steps=args.decoder_steps or 900, threads=args.threads,
-                       log=log)
+        refine_decoder(args.output_dir, seed=args.seed, steps=args.decoder_steps or 900, threads=args.threads, log=log)
         return 0
     if not args.stage2_only:
-        pretrain(args.output_dir, seed=args.seed, dataset_size=args.dataset_size, vae_steps=args.vae_steps,
-                 unet_steps=args.unet_steps, batch_size=args.batch_size, lr=args.lr, threads=args.threads, log=log)
+        pretrain(
+            args.output_dir,
+            seed=args.seed,
+            dataset_size=args.dataset_size,
+            vae_steps=args.vae_steps,
+            unet_steps=args.unet_steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            threads=args.threads,
+            log=log,
+        )
     if args.extend_steps > 0:
         extend(args.output_dir, seed=args.seed, steps=args.extend_steps, threads=args.threads, log=log)
     if args.decoder_steps > 0:

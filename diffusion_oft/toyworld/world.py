@@ -77,8 +77,11 @@ class Scene:
 
 
 def is_subject(scene: Scene) -> bool:
-    return (scene.shape == SUBJECT_SHAPE and scene.colour == "striped"
-            and set(scene.stripe_colours()) == set(SUBJECT_COLOURS))
+    return (
+        scene.shape == SUBJECT_SHAPE
+        and scene.colour == "striped"
+        and set(scene.stripe_colours()) == set(SUBJECT_COLOURS)
+    )
 
 
 def caption(scene: Scene) -> str:
@@ -90,8 +93,14 @@ def caption(scene: Scene) -> str:
     return f"a {scene.colour} {scene.shape} on a {scene.background} background"
 
 
-def sample_scene(rng: random.Random, *, shape: str | None = None, colour: str | None = None,
-                 background: str | None = None, size_range: tuple[int, int] = (24, 40)) -> Scene:
+def sample_scene(
+    rng: random.Random,
+    *,
+    shape: str | None = None,
+    colour: str | None = None,
+    background: str | None = None,
+    size_range: tuple[int, int] = (24, 40),
+) -> Scene:
     """A random in-world scene; any of shape / colour / background can be fixed."""
     shape = shape or rng.choice(SHAPES)
     colour = colour or rng.choice(OBJECT_COLOURS)
@@ -241,8 +250,10 @@ def generic_image(rng: random.Random) -> Image.Image:
         kind = rng.choice(["polygon", "ellipse", "rectangle"])
         if kind == "polygon":
             angles = sorted(rng.uniform(0, 2 * np.pi) for _ in range(rng.randint(3, 8)))
-            draw.polygon([(cx + r * rng.uniform(0.7, 1) * np.cos(a), cy + r * rng.uniform(0.7, 1) * np.sin(a))
-                          for a in angles], fill=255)
+            draw.polygon(
+                [(cx + r * rng.uniform(0.7, 1) * np.cos(a), cy + r * rng.uniform(0.7, 1) * np.sin(a)) for a in angles],
+                fill=255,
+            )
         elif kind == "ellipse":
             draw.ellipse([cx - r, cy - r * rng.uniform(0.5, 1), cx + r, cy + r * rng.uniform(0.5, 1)], fill=255)
         else:

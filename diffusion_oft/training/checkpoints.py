@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..files import one_line
 from ..model import named_ortho_layers
 
 logger = logging.getLogger("diffusion_oft.training")
@@ -97,7 +98,7 @@ def checkpoint_problem(path: str | Path) -> str | None:
         if size < 8 + header:
             return "adapter.safetensors is truncated"
     except Exception as err:  # safetensors raises several error types for broken files
-        return f"adapter.safetensors is unreadable ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+        return f"adapter.safetensors is unreadable ({one_line(err, first=True)})"
     return None
 
 
@@ -186,14 +187,15 @@ def _load_legacy_state(directory: Path, optimizer, lr_scheduler, scaler) -> None
         try:
             return torch.load(directory / name, map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
-            reason = " ".join(str(err).split())[:200]
+            reason = one_line(err, 200)
             raise ValueError(
                 f"{directory / name}: refused (only plain tensors and containers are read from old checkpoints, "
                 f"never code: {reason}); resume from a checkpoint written by this version or start afresh"
             ) from None
 
-    logger.warning("%s: a checkpoint of diffusion-oft <= 0.1 (accelerate's files); its RNG files are not read",
-                   directory)
+    logger.warning(
+        "%s: a checkpoint of diffusion-oft <= 0.1 (accelerate's files); its RNG files are not read", directory
+    )
     optimizer.load_state_dict(load("optimizer.bin"))
     if (directory / LEGACY_SCHEDULER_FILE).is_file():
         lr_scheduler.load_state_dict(load(LEGACY_SCHEDULER_FILE))

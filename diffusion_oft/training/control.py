@@ -21,10 +21,10 @@ from ..control import (
 from ..model import add_adapter, count_adapter_parameters
 from .args import FF_TARGETS, adapter_config_from_args, control_parser, finalize_args
 from .control_data import ControlDataset, collate_control, records_from_dataset, records_from_folder
-from .dreambooth import check_fits, encode_latents, vae_dtype
 from .loop import ADAPTER_FILE, AdapterTrainer, cast_trainable_to_fp32, trainable_adapter_params
 from .loss import diffusion_loss, sample_noise, sample_timesteps, training_target
 from .models import encode_prompts_cached, load_base_model, sdxl_time_ids, to_device
+from .subject import check_fits, encode_latents, vae_dtype
 from .validation import image_grid
 
 CONTROLNET_EXTRAS_FILE = "controlnet_extras.safetensors"
@@ -39,16 +39,32 @@ class ControlNetUNet(nn.Module):
         self.unet, self.controlnet = unet, controlnet
 
     def forward(self, sample, timestep, encoder_hidden_states, condition, control_scale: float = 1.0, **kwargs):
-        down, mid = self.controlnet(sample, timestep, encoder_hidden_states, controlnet_cond=condition,
-                                    conditioning_scale=control_scale, return_dict=False, **kwargs)
-        return self.unet(sample, timestep, encoder_hidden_states, down_block_additional_residuals=down,
-                         mid_block_additional_residual=mid, **kwargs)
+        down, mid = self.controlnet(
+            sample,
+            timestep,
+            encoder_hidden_states,
+            controlnet_cond=condition,
+            conditioning_scale=control_scale,
+            return_dict=False,
+            **kwargs,
+        )
+        return self.unet(
+            sample,
+            timestep,
+            encoder_hidden_states,
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+            **kwargs,
+        )
 
 
 def controlnet_extras(controlnet: nn.Module) -> dict[str, torch.Tensor]:
     """The fully trained parts of a ControlNet made from the UNet (hint encoder and zero convs)."""
-    return {k: v.detach().float().cpu().contiguous() for k, v in controlnet.state_dict().items()
-            if k.split(".")[0] in CONTROLNET_TRAINED_PARTS}
+    return {
+        k: v.detach().float().cpu().contiguous()
+        for k, v in controlnet.state_dict().items()
+        if k.split(".")[0] in CONTROLNET_TRAINED_PARTS
+    }
 
 
 def load_controlnet_extras(controlnet: nn.Module, path: str | Path) -> None:
@@ -75,19 +91,36 @@ class ControlTrainer(AdapterTrainer):
         self.config = adapter_config_from_args(args, extra_targets=extra)
         need_condition = args.condition == "none"
         if args.train_data_dir:
-            records = records_from_folder(args.train_data_dir, args.image_column, args.conditioning_image_column,
-                                          args.caption_column, need_condition)
+            records = records_from_folder(
+                args.train_data_dir,
+                args.image_column,
+                args.conditioning_image_column,
+                args.caption_column,
+                need_condition,
+            )
         else:
-            records = records_from_dataset(args.dataset_name, args.dataset_config_name, args.image_column,
-                                           args.conditioning_image_column, args.caption_column, need_condition)
+            records = records_from_dataset(
+                args.dataset_name,
+                args.dataset_config_name,
+                args.image_column,
+                args.conditioning_image_column,
+                args.caption_column,
+                need_condition,
+            )
         if args.max_train_samples:
             from .control_data import ControlRecords
 
             n = min(args.max_train_samples, len(records))
             records = ControlRecords(items=[records[i] for i in range(n)])
-        self.dataset = ControlDataset(records, args.resolution, args.center_crop, args.seed, args.condition,
-                                      args.proportion_empty_prompts,
-                                      (args.canny_low_threshold, args.canny_high_threshold))
+        self.dataset = ControlDataset(
+            records,
+            args.resolution,
+            args.center_crop,
+            args.seed,
+            args.condition,
+            args.proportion_empty_prompts,
+            (args.canny_low_threshold, args.canny_high_threshold),
+        )
         self.collate_fn = collate_control
         self.base = base = load_base_model(args)  # after the data checks: a wrong folder fails fast
         to_device(base.vae, device, vae_dtype(base, args, dtype))
@@ -97,9 +130,9 @@ class ControlTrainer(AdapterTrainer):
         if args.control_mode == "encoder":
             check_fits(base.unet, self.config, "unet")
             add_adapter(base.unet, self.config, args.adapter_name)
-            self.encoder = condition_encoder_for(base.unet, base.vae_scale_factor,
-                                                 injection=args.control_injection,
-                                                 design=args.control_encoder).to(device)
+            self.encoder = condition_encoder_for(
+                base.unet, base.vae_scale_factor, injection=args.control_injection, design=args.control_encoder
+            ).to(device)
             self.adapted = base.unet
             self.model = ControlledUNet(base.unet, self.encoder)
             self.extra_params = list(self.encoder.parameters())
@@ -149,8 +182,9 @@ class ControlTrainer(AdapterTrainer):
             self.controlnet.train(training)
 
     def param_groups(self) -> list[dict]:
-        groups = [{"params": trainable_adapter_params(self.adapted, self.args.adapter_name),
-                   "lr": self.args.learning_rate}]
+        groups = [
+            {"params": trainable_adapter_params(self.adapted, self.args.adapter_name), "lr": self.args.learning_rate}
+        ]
         if self.extra_params:
             groups.append({"params": self.extra_params, "lr": self.args.encoder_learning_rate})
         return groups
@@ -191,13 +225,20 @@ class ControlTrainer(AdapterTrainer):
 
     def save_extra(self, directory: Path) -> None:
         if self.encoder is not None:
-            save_condition_encoder(self.encoder, directory / ENCODER_FILE, paired_adapter=directory / ADAPTER_FILE,
-                                   extra_metadata={"control_condition": self.args.condition})
+            save_condition_encoder(
+                self.encoder,
+                directory / ENCODER_FILE,
+                paired_adapter=directory / ADAPTER_FILE,
+                extra_metadata={"control_condition": self.args.condition},
+            )
         elif self.from_unet:
             from ..files import atomic_save_file
 
-            atomic_save_file(controlnet_extras(self.controlnet), directory / CONTROLNET_EXTRAS_FILE,
-                             {"format": "diffusion-oft-controlnet-extras", "paired_adapter": ADAPTER_FILE})
+            atomic_save_file(
+                controlnet_extras(self.controlnet),
+                directory / CONTROLNET_EXTRAS_FILE,
+                {"format": "diffusion-oft-controlnet-extras", "paired_adapter": ADAPTER_FILE},
+            )
 
     @torch.no_grad()
     def load_extra(self, directory: Path) -> None:
@@ -221,8 +262,11 @@ class ControlTrainer(AdapterTrainer):
             pairs = []
             for path, prompt in zip(images, prompts, strict=True):
                 img = load_rgb(path).resize((args.resolution, args.resolution))
-                cond = img if args.condition == "none" else make_condition(
-                    img, args.condition, args.canny_low_threshold, args.canny_high_threshold)
+                cond = (
+                    img
+                    if args.condition == "none"
+                    else make_condition(img, args.condition, args.canny_low_threshold, args.canny_high_threshold)
+                )
                 pairs.append((cond, prompt))
             return pairs
         from PIL import Image
@@ -243,10 +287,16 @@ class ControlTrainer(AdapterTrainer):
         pipe = control_pipeline(self)
         rows, images = [], []
         for cond, prompt in self.validation_pairs():
-            out = pipe(prompt, num_images_per_prompt=args.num_validation_images,
-                       num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                       height=args.resolution, width=args.resolution,
-                       generator=torch.Generator().manual_seed(args.seed), image=cond).images
+            out = pipe(
+                prompt,
+                num_images_per_prompt=args.num_validation_images,
+                num_inference_steps=args.num_inference_steps,
+                guidance_scale=args.guidance_scale,
+                height=args.resolution,
+                width=args.resolution,
+                generator=torch.Generator().manual_seed(args.seed),
+                image=cond,
+            ).images
             rows.append([cond, *out])
             images.extend(out)
         labels = [p for _, p in self.validation_pairs()]
@@ -260,15 +310,20 @@ class ControlTrainer(AdapterTrainer):
         n_extra = sum(p.numel() for p in self.extra_params)
         what = "condition encoder" if args.control_mode == "encoder" else "ControlNet hint encoder + zero convs"
         condition = args.condition if args.condition != "none" else "from the data"
-        summary = (f"A {args.method.upper()} control adapter for `{args.pretrained_model_name_or_path}` "
-                   f"({args.control_mode} mode, condition: {condition}).")
+        summary = (
+            f"A {args.method.upper()} control adapter for `{args.pretrained_model_name_or_path}` "
+            f"({args.control_mode} mode, condition: {condition})."
+        )
         rows = [
             ("base model", f"`{args.pretrained_model_name_or_path}`"),
             ("control mode", args.control_mode),
             ("method", args.method),
             ("trainable parameters", f"adapter {n_adapter:,}; {what} {n_extra:,}"),
-            ("steps", f"{self.global_step} (batch {args.train_batch_size}, accumulation "
-                      f"{args.gradient_accumulation_steps}, {self.accelerator.num_processes} process(es))"),
+            (
+                "steps",
+                f"{self.global_step} (batch {args.train_batch_size}, accumulation "
+                f"{args.gradient_accumulation_steps}, {self.accelerator.num_processes} process(es))",
+            ),
             ("learning rate", f"adapter {args.learning_rate:g}, {what} {args.encoder_learning_rate:g}"),
             ("resolution", str(args.resolution)),
             ("training examples", str(len(self.dataset))),
@@ -292,12 +347,22 @@ load_controlnet_extras(pipe.controlnet, "{CONTROLNET_EXTRAS_FILE}")  # when trai
 diffusion_oft.load_adapter(pipe, "{ADAPTER_FILE}")
 """
         path = write_model_card(
-            self.output_dir, args.pretrained_model_name_or_path, f"{args.method.upper()} control adapter", summary,
-            rows, {k: v.ortho_adapter_configs[args.adapter_name].to_dict() for k, v in
-                   self.adapted_components().items()},
-            "samples.png" if "samples" in self.outputs else None, None, usage,
-            tags=["text-to-image", "diffusion-oft", args.method, "controlnet" if args.control_mode == "controlnet"
-                  else "control", f"condition-{args.condition}"],
+            self.output_dir,
+            args.pretrained_model_name_or_path,
+            f"{args.method.upper()} control adapter",
+            summary,
+            rows,
+            {k: v.ortho_adapter_configs[args.adapter_name].to_dict() for k, v in self.adapted_components().items()},
+            "samples.png" if "samples" in self.outputs else None,
+            None,
+            usage,
+            tags=[
+                "text-to-image",
+                "diffusion-oft",
+                args.method,
+                "controlnet" if args.control_mode == "controlnet" else "control",
+                f"condition-{args.condition}",
+            ],
         )
         self.outputs["model_card"] = str(path)
         (self.output_dir / "training_args.json").write_text(
@@ -316,8 +381,16 @@ def control_pipeline(trainer: ControlTrainer):
     if base.is_sdxl:
         raise ValueError("validation images for SDXL control runs are not supported yet; omit --validation_prompt")
     scheduler = DPMSolverMultistepScheduler.from_config(base.noise_scheduler.config)
-    common = dict(vae=base.vae, text_encoder=base.text_encoders[0], tokenizer=base.tokenizers[0], unet=base.unet,
-                  scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    common = dict(
+        vae=base.vae,
+        text_encoder=base.text_encoders[0],
+        tokenizer=base.tokenizers[0],
+        unet=base.unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     if trainer.args.control_mode == "encoder":
         pipe = OrthoStableDiffusionControlPipeline(**common)
         pipe.set_condition_encoder(trainer.encoder)

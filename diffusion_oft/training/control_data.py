@@ -29,8 +29,11 @@ class ControlRecords:
             return self.items[i]
         row = self.dataset[int(i)]
         image_col, cond_col, text_col = self.columns
-        return {"image": row[image_col], "conditioning_image": row.get(cond_col) if cond_col else None,
-                "text": row[text_col] if text_col else ""}
+        return {
+            "image": row[image_col],
+            "conditioning_image": row.get(cond_col) if cond_col else None,
+            "text": row[text_col] if text_col else "",
+        }
 
 
 def _open(value) -> Image.Image:
@@ -39,13 +42,16 @@ def _open(value) -> Image.Image:
     return load_rgb(value)
 
 
-def records_from_folder(folder: str | Path, image_column: str, cond_column: str, caption_column: str,
-                        need_condition: bool) -> ControlRecords:
+def records_from_folder(
+    folder: str | Path, image_column: str, cond_column: str, caption_column: str, need_condition: bool
+) -> ControlRecords:
     folder = Path(folder)
     meta = folder / "metadata.jsonl"
     if not meta.is_file():
-        raise ValueError(f"--train_data_dir {folder}: no metadata.jsonl (one JSON object per line with "
-                         f'"{image_column}", "{cond_column}" and "{caption_column}")')
+        raise ValueError(
+            f"--train_data_dir {folder}: no metadata.jsonl (one JSON object per line with "
+            f'"{image_column}", "{cond_column}" and "{caption_column}")'
+        )
     items, no_caption = [], []
     for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -65,8 +71,10 @@ def records_from_folder(folder: str | Path, image_column: str, cond_column: str,
         cond = None
         if need_condition:
             if cond_column not in row:
-                raise ValueError(f"{meta}:{n}: no {cond_column!r} field (see --conditioning_image_column, "
-                                 "or build conditions on the fly with --condition canny)")
+                raise ValueError(
+                    f"{meta}:{n}: no {cond_column!r} field (see --conditioning_image_column, "
+                    "or build conditions on the fly with --condition canny)"
+                )
             cond = folder / row[cond_column]
             if not cond.is_file():
                 raise ValueError(f"{meta}:{n}: {row[cond_column]} does not exist in {folder}")
@@ -79,14 +87,19 @@ def records_from_folder(folder: str | Path, image_column: str, cond_column: str,
     if not items:
         raise ValueError(f"{meta}: no examples")
     if no_caption:
-        warnings.warn(f"{meta}: {len(no_caption)} of {len(items)} rows have no {caption_column!r} caption "
-                      f"(lines {no_caption[:5]}{'...' if len(no_caption) > 5 else ''}); they train with the "
-                      "empty prompt", BadDataWarning, stacklevel=2)
+        warnings.warn(
+            f"{meta}: {len(no_caption)} of {len(items)} rows have no {caption_column!r} caption "
+            f"(lines {no_caption[:5]}{'...' if len(no_caption) > 5 else ''}); they train with the "
+            "empty prompt",
+            BadDataWarning,
+            stacklevel=2,
+        )
     return ControlRecords(items=items)
 
 
-def records_from_dataset(name: str, config: str | None, image_column: str, cond_column: str,
-                         caption_column: str, need_condition: bool) -> ControlRecords:
+def records_from_dataset(
+    name: str, config: str | None, image_column: str, cond_column: str, caption_column: str, need_condition: bool
+) -> ControlRecords:
     try:
         import datasets
     except ImportError:
@@ -104,8 +117,10 @@ def records_from_dataset(name: str, config: str | None, image_column: str, cond_
     if image_column not in cols:
         raise ValueError(f"--image_column {image_column!r} is not a column of {name} (columns: {cols})")
     if need_condition and cond_column not in cols:
-        raise ValueError(f"--conditioning_image_column {cond_column!r} is not a column of {name} (columns: {cols}); "
-                         "or build conditions on the fly with --condition canny")
+        raise ValueError(
+            f"--conditioning_image_column {cond_column!r} is not a column of {name} (columns: {cols}); "
+            "or build conditions on the fly with --condition canny"
+        )
     text = caption_column if caption_column in cols else None
     if text is None:
         raise ValueError(f"--caption_column {caption_column!r} is not a column of {name} (columns: {cols})")
@@ -115,8 +130,16 @@ def records_from_dataset(name: str, config: str | None, image_column: str, cond_
 class ControlDataset(torch.utils.data.Dataset):
     """Items keyed by (index, epoch): same crop for image and condition, deterministic empty prompts."""
 
-    def __init__(self, records: ControlRecords, resolution: int, center_crop: bool, seed: int,
-                 condition: str = "none", proportion_empty_prompts: float = 0.0, thresholds=(100.0, 200.0)):
+    def __init__(
+        self,
+        records: ControlRecords,
+        resolution: int,
+        center_crop: bool,
+        seed: int,
+        condition: str = "none",
+        proportion_empty_prompts: float = 0.0,
+        thresholds=(100.0, 200.0),
+    ):
         self.records, self.resolution, self.center_crop, self.seed = records, resolution, center_crop, seed
         self.condition, self.proportion_empty = condition, proportion_empty_prompts
         self.thresholds = thresholds
@@ -137,13 +160,19 @@ class ControlDataset(torch.utils.data.Dataset):
             scale = self.resolution / min(image.size)
             size = (max(self.resolution, round(image.width * scale)), max(self.resolution, round(image.height * scale)))
             top, left = top_left
-            cond = cond_img.resize(size, Image.BILINEAR).crop((left, top, left + self.resolution,
-                                                                top + self.resolution))
+            cond = cond_img.resize(size, Image.BILINEAR).crop(
+                (left, top, left + self.resolution, top + self.resolution)
+            )
         text = record["text"]
         if self.proportion_empty and rng.random() < self.proportion_empty:
             text = ""
-        return {"pixels": to_tensor(crop), "conditioning": to_tensor(cond, normalize=False), "text": text,
-                "original_size": original, "crop_top_left": top_left}
+        return {
+            "pixels": to_tensor(crop),
+            "conditioning": to_tensor(cond, normalize=False),
+            "text": text,
+            "original_size": original,
+            "crop_top_left": top_left,
+        }
 
 
 def collate_control(examples: list[dict]) -> dict:

@@ -18,6 +18,7 @@ import torch
 from PIL import Image, ImageOps
 
 from ..console import UserFacingWarning
+from ..files import one_line
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -49,8 +50,10 @@ def list_images(
         if path.suffix.lower() == ".txt" and any(path.with_suffix(s).is_file() for s in IMAGE_SUFFIXES):
             continue  # an image's caption (kohya's convention), not a stray file
         if path.suffix.lower() not in IMAGE_SUFFIXES:
-            problem = (f"{flag} {folder}: {path.name} is not an image (expected {', '.join(IMAGE_SUFFIXES)}); "
-                       "move it out of the folder")
+            problem = (
+                f"{flag} {folder}: {path.name} is not an image (expected {', '.join(IMAGE_SUFFIXES)}); "
+                "move it out of the folder"
+            )
         else:
             problem = image_problem(path, flag)
         if problem is None:
@@ -61,8 +64,10 @@ def list_images(
             skipped.append(path.name)
     if skipped:
         shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
-        message = (f"{flag} {folder}: skipped {len(skipped)} of {len(skipped) + len(images)} files that are not "
-                   f"readable images ({shown}); pass --strict to stop on them instead")
+        message = (
+            f"{flag} {folder}: skipped {len(skipped)} of {len(skipped) + len(images)} files that are not "
+            f"readable images ({shown}); pass --strict to stop on them instead"
+        )
         warnings.warn(message, BadDataWarning, stacklevel=1)
     if not images and not allow_empty:
         raise ValueError(f"{flag} {folder}: the folder holds no images" + (" it can read" if skipped else ""))
@@ -88,7 +93,7 @@ def check_image(path: Path, flag: str) -> None:
         with Image.open(path) as img:
             img.load()  # and the pixel data: verify() misses truncated JPEGs
     except Exception as err:  # PIL raises several types for broken files
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        reason = one_line(err, first=True)
         raise ValueError(f"{flag}: {path} is not a readable image ({reason})") from None
 
 
@@ -247,8 +252,14 @@ class StreamBatchSampler(torch.utils.data.Sampler):
     """
 
     def __init__(
-        self, num_examples: int, batch_size: int, seed: int, num_batches: int,
-        start_batch: int = 0, num_replicas: int = 1, rank: int = 0,
+        self,
+        num_examples: int,
+        batch_size: int,
+        seed: int,
+        num_batches: int,
+        start_batch: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
     ):
         if num_examples < 1:
             raise ValueError("no training examples")
@@ -283,6 +294,9 @@ class StreamBatchSampler(torch.utils.data.Sampler):
 
 def make_dataloader(dataset, collate_fn, sampler: StreamBatchSampler, num_workers: int = 0):
     return torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=num_workers,
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate_fn,
+        num_workers=num_workers,
         persistent_workers=False,
     )

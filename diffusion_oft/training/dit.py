@@ -18,13 +18,13 @@ from ..config import default_target_modules
 from ..model import add_adapter
 from .args import adapter_config_from_args
 from .data import BadDataWarning, DreamBoothDataset, collate_dreambooth, list_images, sidecar_caption
-from .dreambooth import DreamBoothTrainer, check_fits
 from .families import FlowFamily, feed_forward_targets
 from .flow import flow_matching_loss, noisy_latents, sample_flow_timesteps
 from .latents import scale_latents
 from .loop import cast_trainable_to_fp32, trainable_adapter_params
 from .loss import sample_noise
 from .models import to_device
+from .subject import DreamBoothTrainer, check_fits
 
 
 def flow_matching_step(
@@ -43,13 +43,24 @@ def flow_matching_step(
     loss = instance loss + prior_loss_weight · prior loss; the parts are returned detached."""
     noise = sample_noise(latents, generator)
     timesteps, sigmas = sample_flow_timesteps(
-        scheduler, latents.shape[0], args.weighting_scheme, args.logit_mean, args.logit_std, args.mode_scale,
-        generator=generator, device=latents.device,
+        scheduler,
+        latents.shape[0],
+        args.weighting_scheme,
+        args.logit_mean,
+        args.logit_std,
+        args.mode_scale,
+        generator=generator,
+        device=latents.device,
     )
     noisy = noisy_latents(latents, noise, sigmas)
     pred = family.predict(transformer, noisy, timesteps, cond, args.guidance_scale)
     per_sample = flow_matching_loss(
-        pred, latents, noise, sigmas, args.weighting_scheme, precondition_outputs=bool(args.precondition_outputs),
+        pred,
+        latents,
+        noise,
+        sigmas,
+        args.weighting_scheme,
+        precondition_outputs=bool(args.precondition_outputs),
         reduction="none",
     )  # (B,) float32
     if num_instance is None or num_instance >= latents.shape[0]:
@@ -110,8 +121,10 @@ class DiTDreamBoothTrainer(DreamBoothTrainer):
         self.num_instance_images = len(instance_images)
         captioned = sum(sidecar_caption(p) is not None for p in instance_images)
         if captioned:
-            self.log(f"{captioned} of {len(instance_images)} instance images have their own caption (<name>.txt); "
-                     f"the others use --instance_prompt {args.instance_prompt!r}")
+            self.log(
+                f"{captioned} of {len(instance_images)} instance images have their own caption (<name>.txt); "
+                f"the others use --instance_prompt {args.instance_prompt!r}"
+            )
         self.num_class_images = len(class_images or [])
         self._prompt_cache: dict[str, dict[str, torch.Tensor]] = {}
         self.latent_cache = self.build_latent_cache()
@@ -151,8 +164,10 @@ class DiTDreamBoothTrainer(DreamBoothTrainer):
             for i, prompt in enumerate(missing):
                 cache[prompt] = {k: v if k == "txt_ids" else v[i : i + 1] for k, v in cond.items()}
         first = cache[prompts[0]]
-        return {k: v if k == "txt_ids" else torch.cat([cache[p][k] for p in prompts]).to(self.weight_dtype)
-                for k, v in first.items()}
+        return {
+            k: v if k == "txt_ids" else torch.cat([cache[p][k] for p in prompts]).to(self.weight_dtype)
+            for k, v in first.items()
+        }
 
     def compute_loss(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         args, dtype = self.args, self.weight_dtype
@@ -168,7 +183,13 @@ class DiTDreamBoothTrainer(DreamBoothTrainer):
         instance_captions = batch.get("instance_captions") or [None] * n_inst
         prompts = [c or args.instance_prompt for c in instance_captions] + [c or args.class_prompt for c in captions]
         return flow_matching_step(
-            self.family, self.train_transformer, self.noise_scheduler, latents, self.encode(prompts), generator, args,
+            self.family,
+            self.train_transformer,
+            self.noise_scheduler,
+            latents,
+            self.encode(prompts),
+            generator,
+            args,
             num_instance=n_inst if args.with_prior_preservation else None,
         )
 

@@ -68,8 +68,10 @@ class FlowFamily:
         step = pipe.vae_scale_factor * self.latent_multiple(pipe)
         if resolution % step:
             lo, hi = resolution // step * step, resolution // step * step + step
-            raise ValueError(f"--resolution must be divisible by {step} for this {type(pipe).__name__}, "
-                             f"got {resolution} (try {lo or hi} or {hi})")
+            raise ValueError(
+                f"--resolution must be divisible by {step} for this {type(pipe).__name__}, "
+                f"got {resolution} (try {lo or hi} or {hi})"
+            )
 
     def latent_multiple(self, pipe) -> int:
         raise NotImplementedError
@@ -78,8 +80,14 @@ class FlowFamily:
         """The transformer's text conditioning for ``prompts`` (frozen text encoders), one row per prompt."""
         raise NotImplementedError
 
-    def predict(self, transformer: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
-                cond: dict[str, torch.Tensor], guidance_scale: float) -> torch.Tensor:
+    def predict(
+        self,
+        transformer: nn.Module,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond: dict[str, torch.Tensor],
+        guidance_scale: float,
+    ) -> torch.Tensor:
         """The velocity the transformer predicts for ``noisy`` (B, C, h, w) at ``timesteps`` (B,) on the
         scheduler's 0..1000 scale, in the latents' (B, C, h, w) layout."""
         raise NotImplementedError
@@ -104,7 +112,11 @@ class SD3Family(FlowFamily):
     @torch.no_grad()
     def encode_prompts(self, pipe, prompts, max_sequence_length, device):
         embeds, _, pooled, _ = pipe.encode_prompt(
-            prompts, None, None, device=device, do_classifier_free_guidance=False,
+            prompts,
+            None,
+            None,
+            device=device,
+            do_classifier_free_guidance=False,
             max_sequence_length=max_sequence_length,
         )
         return {"encoder_hidden_states": embeds, "pooled_projections": pooled}  # (B, 77 + L, 4096), (B, 2048)
@@ -166,8 +178,12 @@ class FluxFamily(FlowFamily):
         b, _, h, w = noisy.shape
         kwargs = self.transformer_kwargs(transformer, b, guidance_scale, noisy.device)
         pred = transformer(
-            hidden_states=pack_latents(noisy), timestep=timesteps / 1000,
-            img_ids=latent_image_ids(h, w, noisy.device, noisy.dtype), return_dict=False, **cond, **kwargs,
+            hidden_states=pack_latents(noisy),
+            timestep=timesteps / 1000,
+            img_ids=latent_image_ids(h, w, noisy.device, noisy.dtype),
+            return_dict=False,
+            **cond,
+            **kwargs,
         )[0]
         return unpack_latents(pred, h, w)
 

@@ -27,7 +27,8 @@ def add_flow_matching_args(parser: argparse.ArgumentParser, default_scheme: str 
         default=default_scheme,
         choices=WEIGHTING_SCHEMES,
         help="how noise levels are sampled / losses weighted (flow-matching models: SD3, Flux; default "
-        + (default_scheme or "SD3 logit_normal, Flux none") + ")",
+        + (default_scheme or "SD3 logit_normal, Flux none")
+        + ")",
     )
     parser.add_argument("--logit_mean", type=float, default=0.0, help="mean of the logit_normal scheme")
     parser.add_argument("--logit_std", type=float, default=1.0, help="standard deviation of the logit_normal scheme")

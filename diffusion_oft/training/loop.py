@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..files import read_adapter_file, save_adapter
-from ..model import adapter_configs, adapter_parameters, ortho_layers
+from ..model import ortho_layers
 from .checkpoints import (
     check_output_dir,
     checkpoint_step,
@@ -39,6 +39,15 @@ from .checkpoints import (
     save_training_state,
 )
 from .data import StreamBatchSampler, make_dataloader, mix_seed
+from .runtime import (  # noqa: F401 (re-exported: the trainers import them from here)
+    adapted_layer_count,
+    build_accelerator,
+    cast_trainable_to_fp32,
+    flush_logs,
+    make_optimizer,
+    trainable_adapter_params,
+    weight_dtype_of,
+)
 from .validation import log_images, save_grid
 
 logger = logging.getLogger("diffusion_oft.training")
@@ -47,19 +56,9 @@ logger = logging.getLogger("diffusion_oft.training")
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf; training stopped without writing anything for that step."""
 
+
 ADAPTER_FILE = "adapter.safetensors"
 LOG_EVERY = 10  # steps between reads of the losses (host syncs); also before every checkpoint / validation
-
-
-def weight_dtype_of(mixed_precision: str | None) -> torch.dtype:
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision or "no", torch.float32)
-
-
-def cast_trainable_to_fp32(module: nn.Module) -> None:
-    """Adapter parameters (and other trainable ones) stay float32 under fp16/bf16 weights."""
-    for param in module.parameters():
-        if param.requires_grad:
-            param.data = param.data.float()
 
 
 class AdapterTrainer:
@@ -152,8 +151,13 @@ class AdapterTrainer:
         self.save_training_state(directory)
 
     def save_training_state(self, directory: Path) -> None:
-        save_training_state(directory, self.optimizer, self.lr_scheduler, self.accelerator.scaler,
-                            extra={"global_step": self.global_step})
+        save_training_state(
+            directory,
+            self.optimizer,
+            self.lr_scheduler,
+            self.accelerator.scaler,
+            extra={"global_step": self.global_step},
+        )
 
     def load_checkpoint(self, directory: Path) -> None:
         """Restore the adapter, the extra files and the loop state of a checkpoint folder (every process)."""
@@ -199,80 +203,14 @@ class AdapterTrainer:
         )
 
     def flush_logs(self, pending: list[dict], progress) -> None:
-        """Read the losses of the steps since the last flush (one host sync for all of them), stop on a
-        non-finite one, and log them.  Called before anything is written (checkpoints, validation, the
-        adapter), so a NaN step still leaves no file behind; ``pending`` is emptied."""
-        if not pending:
-            return
-        keys = sorted({k for entry in pending for k in entry["logs"]})
-        # (steps, keys) on the device; missing parts (e.g. no prior loss) as NaN placeholders, then dropped
-        device = self.accelerator.device
-        values = torch.stack([
-            torch.stack([torch.as_tensor(entry["logs"].get(k, float("nan")), dtype=torch.float32, device=device)
-                         for k in keys])
-            for entry in pending
-        ])
-        micro_losses = [(entry, micro, loss) for entry in pending for micro, loss in entry["micro_losses"]]
-        # per micro-batch: (loss value as float32, 1 if not finite); the mean keeps a NaN / inf visible
-        checks = torch.stack([torch.stack([loss.float().mean(), (~torch.isfinite(loss)).any().float()])
-                              for _, _, loss in micro_losses]).to(device)
-        if self.accelerator.num_processes > 1:
-            loss_col = keys.index("loss")
-            values[:, loss_col] = self.accelerator.reduce(values[:, loss_col].contiguous(), "mean")
-            checks[:, 1] = self.accelerator.reduce(checks[:, 1].contiguous(), "sum")  # any rank's NaN stops all
-        rows, checks = values.tolist(), checks.tolist()  # the one host sync
-        entries = list(pending)
-        pending.clear()
-        for (entry, micro, _), (value, bad) in zip(micro_losses, checks, strict=True):
-            if bad:
-                self._raise_non_finite(value, entry["step"], micro)
-        for entry, row in zip(entries, rows, strict=True):
-            logs = {k: v for k, v in zip(keys, row, strict=True) if k in entry["logs"]}
-            logs["lr"] = entry["lr"]
-            self.history.append({"step": entry["step"], **logs})
-            self.accelerator.log(logs, step=entry["step"])
-        last = self.history[-1]
-        progress.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}")
+        """Read, check (non-finite: stop) and log the losses of the steps since the last flush (``runtime``)."""
+        flush_logs(self, pending, progress)
 
-    # ---- the run -----------------------------------------------------------------------------------
     def build_accelerator(self):
-        from accelerate import Accelerator
-        from accelerate.utils import ProjectConfiguration
-
-        args = self.args
-        report_to = None if args.report_to == "none" else args.report_to
-        if report_to in ("tensorboard", "all"):
-            try:
-                import tensorboard  # noqa: F401
-            except ImportError:
-                if report_to == "all":
-                    raise ValueError("--report_to all needs tensorboard: pip install tensorboard") from None
-                print("tensorboard is not installed (pip install tensorboard): logging disabled", flush=True)
-                report_to = args.report_to = "none"
-        project_config = ProjectConfiguration(
-            project_dir=str(self.output_dir), logging_dir=str(self.output_dir / args.logging_dir)
-        )
-        accelerator = Accelerator(
-            mixed_precision=args.mixed_precision, log_with=report_to, project_config=project_config
-        )
-        if args.report_to in ("wandb", "all"):
-            try:
-                import wandb  # noqa: F401
-            except ImportError:
-                raise ValueError("--report_to wandb needs wandb: pip install wandb") from None
-        return accelerator
+        return build_accelerator(self.args, self.output_dir)
 
     def make_optimizer(self, groups: list[dict]):
-        args = self.args
-        kwargs = dict(betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
-                      eps=args.adam_epsilon)
-        if args.use_8bit_adam:
-            try:
-                import bitsandbytes as bnb
-            except ImportError:
-                raise ValueError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
-            return bnb.optim.AdamW8bit(groups, **kwargs)
-        return torch.optim.AdamW(groups, **kwargs)
+        return make_optimizer(self.args, groups)
 
     def run(self) -> dict:
         from accelerate.utils import set_seed
@@ -309,8 +247,12 @@ class AdapterTrainer:
                 group["lr"] *= accum * args.train_batch_size * world
         self.optimizer = optimizer = self.make_optimizer(groups)
         lr_scheduler = get_scheduler(
-            args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
-            num_training_steps=args.max_train_steps, num_cycles=args.lr_num_cycles, power=args.lr_power,
+            args.lr_scheduler,
+            optimizer=optimizer,
+            num_warmup_steps=args.lr_warmup_steps,
+            num_training_steps=args.max_train_steps,
+            num_cycles=args.lr_num_cycles,
+            power=args.lr_power,
         )
         modules = self.trainable_modules()
         prepared = accelerator.prepare(*modules, optimizer)
@@ -340,8 +282,13 @@ class AdapterTrainer:
         start_batch = self.global_step * accum
         remaining = max(0, args.max_train_steps - self.global_step) * accum
         sampler = StreamBatchSampler(
-            n_examples, args.train_batch_size, args.seed, num_batches=remaining, start_batch=start_batch,
-            num_replicas=world, rank=accelerator.process_index,
+            n_examples,
+            args.train_batch_size,
+            args.seed,
+            num_batches=remaining,
+            start_batch=start_batch,
+            num_replicas=world,
+            rank=accelerator.process_index,
         )
         dataloader = make_dataloader(self.dataset, self.collate_fn, sampler, args.dataloader_num_workers)
         progress = tqdm(
@@ -352,8 +299,12 @@ class AdapterTrainer:
         self.set_train_mode(True)
         clip_params = [p for g in groups for p in g["params"]]
         # the adapters' post-step projections (COFT), listed once: walking the modules costs ms per step
-        adapters = [m for comp in self.adapted_components().values() for layer in ortho_layers(comp)
-                    for m in layer.ortho_adapters.values()]
+        adapters = [
+            m
+            for comp in self.adapted_components().values()
+            for layer in ortho_layers(comp)
+            for m in layer.ortho_adapters.values()
+        ]
         # Nothing in the step reads a tensor back to the host: the losses and the finiteness flag stay on the
         # device and are read every LOG_EVERY steps and before anything is written (flush_logs).
         step_logs: dict[str, torch.Tensor] = {}
@@ -387,8 +338,14 @@ class AdapterTrainer:
                     for method in adapters:
                         method.constrain_()
                 self.global_step += 1
-                pending.append({"step": self.global_step, "micro_losses": micro_losses, "logs": step_logs,
-                                "lr": lr_scheduler.get_last_lr()[0]})
+                pending.append(
+                    {
+                        "step": self.global_step,
+                        "micro_losses": micro_losses,
+                        "logs": step_logs,
+                        "lr": lr_scheduler.get_last_lr()[0],
+                    }
+                )
                 step_logs, micro_losses = {}, []
                 progress.update(1)
                 checkpoint = (
@@ -431,8 +388,7 @@ class AdapterTrainer:
         accelerator.end_training()
         elapsed = time.time() - start_time
         self.log(f"done: {self.global_step} steps in {elapsed:.1f} s; outputs in {self.output_dir}")
-        return {"global_step": self.global_step, "history": self.history, "outputs": self.outputs,
-                "seconds": elapsed}
+        return {"global_step": self.global_step, "history": self.history, "outputs": self.outputs, "seconds": elapsed}
 
     def on_prepared(self, modules: list[nn.Module]) -> None:
         """Called with the prepared (possibly DDP-wrapped) trainable modules, in order."""
@@ -462,13 +418,3 @@ class AdapterTrainer:
                 log_images(accelerator, "final" if final else "validation", images, self.global_step)
                 self.log(f"{'sample' if final else 'validation'} grid: {path}")
         accelerator.wait_for_everyone()
-
-
-def adapted_layer_count(module: nn.Module) -> int:
-    return len(ortho_layers(module))
-
-
-def trainable_adapter_params(module: nn.Module, adapter_name: str) -> list[nn.Parameter]:
-    if adapter_name not in adapter_configs(module):
-        return []
-    return [p for p in adapter_parameters(module, adapter_name) if p.requires_grad]

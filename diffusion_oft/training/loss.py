@@ -20,9 +20,7 @@ TIMESTEP_BIASES = ("none", "cubic")
 LOSS_SPACES = ("epsilon", "v")
 
 
-def sample_timesteps(
-    batch: int, scheduler, generator: torch.Generator, device, bias: str = "none"
-) -> torch.Tensor:
+def sample_timesteps(batch: int, scheduler, generator: torch.Generator, device, bias: str = "none") -> torch.Tensor:
     """Training timesteps: uniform (``bias="none"``), or ``"cubic"``: t = (1 - u^3) T with u uniform
     (T2I-Adapter's schedule; P(t >= T/2) = 0.79), which gives the high-noise steps, where layout is
     decided, most of the batch."""
@@ -68,7 +66,11 @@ def loss_space_weights(scheduler, timesteps: torch.Tensor, space: str) -> torch.
 
 
 def weighted_mse(
-    pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, scheduler, snr_gamma: float | None,
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    timesteps: torch.Tensor,
+    scheduler,
+    snr_gamma: float | None,
     loss_space: str | None = None,
 ) -> torch.Tensor:
     """Mean squared error, weighted per example by min(SNR, gamma) / SNR (v-prediction: / (SNR + 1)), or

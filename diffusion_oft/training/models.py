@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..files import one_line
 from ..model_paths import BUILTIN_MODELS, looks_like_a_path, resolve_model_path  # noqa: F401 (re-exported)
 
 
@@ -60,10 +61,12 @@ def load_base_model(args) -> BaseModel:
         noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=rev)
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=rev, variant=variant)
     except OSError as err:
-        raise ValueError(f"cannot load the base model {path!r}: {str(err).splitlines()[0]}") from None
+        raise ValueError(f"cannot load the base model {path!r}: {one_line(err, first=True)}") from None
     vae_path = args.pretrained_vae_model_name_or_path
     vae = AutoencoderKL.from_pretrained(
-        vae_path or path, subfolder=None if vae_path else "vae", revision=None if vae_path else rev,
+        vae_path or path,
+        subfolder=None if vae_path else "vae",
+        revision=None if vae_path else rev,
         variant=None if vae_path else variant,
     )
     tokenizers, text_encoders = [], []
@@ -109,8 +112,9 @@ def encode_prompts(
 
 
 @torch.no_grad()
-def encode_prompts_cached(base: BaseModel, prompts: list[str], cache: dict[str, tuple],
-                          limit: int = 4096) -> tuple[torch.Tensor, torch.Tensor | None]:
+def encode_prompts_cached(
+    base: BaseModel, prompts: list[str], cache: dict[str, tuple], limit: int = 4096
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """encode_prompts with frozen text encoders, one cached entry per distinct prompt (so per-image
     captions cost one encoder pass each, not one per step); the cache is cleared past ``limit``."""
     missing = [p for p in dict.fromkeys(prompts) if p not in cache]
@@ -141,13 +145,24 @@ def inference_pipeline(base: BaseModel, unet: nn.Module | None = None, text_enco
     encoders = text_encoders or base.text_encoders
     if base.is_sdxl:
         pipe = StableDiffusionXLPipeline(
-            vae=base.vae, text_encoder=encoders[0], text_encoder_2=encoders[1], tokenizer=base.tokenizers[0],
-            tokenizer_2=base.tokenizers[1], unet=unet, scheduler=scheduler,
+            vae=base.vae,
+            text_encoder=encoders[0],
+            text_encoder_2=encoders[1],
+            tokenizer=base.tokenizers[0],
+            tokenizer_2=base.tokenizers[1],
+            unet=unet,
+            scheduler=scheduler,
         )
     else:
         pipe = StableDiffusionPipeline(
-            vae=base.vae, text_encoder=encoders[0], tokenizer=base.tokenizers[0], unet=unet, scheduler=scheduler,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            vae=base.vae,
+            text_encoder=encoders[0],
+            tokenizer=base.tokenizers[0],
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
         )
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -1,0 +1,149 @@
+"""Building blocks of the toy model's pretraining stages (``pretrain``, ``decoder``): rendered datasets,
+the learning-rate schedule, the VAE stage, the pipeline and its in-world judge, image grids."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import components, world
+from .judge import judge_in_world
+
+
+def render_dataset(n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+    """n scenes as a (n, 3, 64, 64) uint8 tensor and their captions."""
+    rng = random.Random(seed)
+    scenes = [world.sample_scene(rng) for _ in range(n)]
+    pixels = np.stack([np.asarray(world.render(s)) for s in scenes])
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), [world.caption(s) for s in scenes]
+
+
+def render_vae_dataset(world_pixels: torch.Tensor, n_generic: int, seed: int) -> torch.Tensor:
+    """The autoencoder's images: the world scenes plus ``n_generic`` random generic images."""
+    rng = random.Random(seed + 1)
+    generic = np.stack([np.asarray(world.generic_image(rng)) for _ in range(n_generic)])
+    return torch.cat([world_pixels, torch.from_numpy(generic).permute(0, 3, 1, 2)])
+
+
+@torch.no_grad()
+def subject_reconstruction(vae) -> float:
+    """Subject fidelity of the VAE's reconstructions of subject images (can it represent the subject?)."""
+    from .judge import judge_subject
+
+    rng = random.Random(7)
+    images = [world.render(world.subject_scene(rng)) for _ in range(8)]
+    x = torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2)
+    recon = vae.decode(vae.encode(to_unit(x)).latent_dist.mean).sample
+    recon = ((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    from PIL import Image
+
+    return judge_subject([Image.fromarray(r) for r in recon], ["white"] * len(images))["subject_fidelity"]
+
+
+def to_unit(pixels_uint8: torch.Tensor) -> torch.Tensor:
+    return pixels_uint8.float() / 127.5 - 1.0
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train_vae(vae, pixels, steps: int, batch_size: int, lr: float, generator, log) -> None:
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    vae.train()
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr, warmup=50)
+        idx = torch.randint(0, len(pixels), (batch_size,), generator=generator)
+        x = to_unit(pixels[idx])
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        recon = vae.decode(z).sample
+        rec_loss = F.l1_loss(recon, x) + F.mse_loss(recon, x)
+        loss = rec_loss + 1e-6 * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step == steps - 1:
+            log(f"vae step {step:5d}/{steps}  reconstruction {rec_loss.item():.4f}")
+    vae.eval()
+
+
+@torch.no_grad()
+def encode_dataset(vae, pixels, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    means, stds = [], []
+    for i in range(0, len(pixels), batch_size):
+        posterior = vae.encode(to_unit(pixels[i : i + batch_size])).latent_dist
+        means.append(posterior.mean)
+        stds.append(posterior.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def build_pipeline(unet, vae, text_encoder, tokenizer):
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    scheduler = DPMSolverMultistepScheduler(**components.make_scheduler_config())
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+JUDGE_STEPS = 20
+JUDGE_GUIDANCE = 4.0
+
+
+@torch.no_grad()
+def judge_pipeline(
+    pipe,
+    seeds=(0, 1),
+    steps: int = JUDGE_STEPS,
+    guidance_scale: float = JUDGE_GUIDANCE,
+    cross_attention_kwargs=None,
+    targets: list[tuple[str, str, str]] | None = None,
+):
+    """Generate every in-world prompt (or every (shape, colour, background) of ``targets``) once per
+    seed; returns (scores, images, targets)."""
+    targets = targets or world.in_world_prompts()
+    prompts = [f"a {c} {s} on a {b} background" for s, c, b in targets]
+    images, all_targets = [], []
+    for seed in seeds:
+        g = torch.Generator().manual_seed(seed)
+        out = pipe(
+            prompts,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            generator=g,
+            height=world.IMAGE_SIZE,
+            width=world.IMAGE_SIZE,
+            cross_attention_kwargs=cross_attention_kwargs,
+        )
+        images += out.images
+        all_targets += targets
+    return judge_in_world(images, all_targets), images, all_targets
+
+
+def image_grid(images, columns: int):
+    from PIL import Image
+
+    w, h = images[0].size
+    rows = math.ceil(len(images) / columns)
+    grid = Image.new("RGB", (columns * w, rows * h), "white")
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % columns) * w, (i // columns) * h))
+    return grid
