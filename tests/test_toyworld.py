@@ -317,3 +317,38 @@ def test_captioned_instance_images_train_with_their_own_caption(tmp_path):
     data = DreamBoothDataset(list_images(folder, "x"), 64, True, 0)
     batch = collate_dreambooth([data[(i, 0)] for i in range(3)])
     assert batch["instance_captions"] == [SUBJECT_PROMPT, None, "a sks toy on a red background"]
+
+
+def test_pretraining_with_a_wider_codec_and_an_8_channel_latent(tmp_path):
+    """The autoencoder options of the pretraining script: block widths, latent channels (the UNet follows),
+    the codec dataset, the initial posterior log-variance and the image-gradient loss."""
+    from diffusers import StableDiffusionPipeline
+
+    from diffusion_oft.toyworld import components
+    from diffusion_oft.toyworld.pretrain import pretrain
+
+    vae = components.make_vae((8, 16, 16), latent_channels=8, logvar_init=-6.0)
+    assert torch.equal(vae.quant_conv.bias[8:], torch.full((8,), -6.0))
+    report = pretrain(
+        tmp_path / "m",
+        dataset_size=8,
+        vae_steps=2,
+        vae_batch_size=2,
+        unet_steps=2,
+        batch_size=2,
+        lr=1e-4,
+        judge_seeds=(0,),
+        judge_steps=2,
+        vae_channels=(8, 16, 16),
+        latent_channels=8,
+        vae_data="codec",
+        vae_lr=2e-4,
+        vae_logvar_init=-6.0,
+        vae_gradient_weight=1.0,
+    )
+    assert (report["latent_channels"], report["vae_data"], report["vae_lr"]) == (8, "codec", 2e-4)
+    pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "m"))
+    assert pipe.vae.config.latent_channels == 8 and pipe.unet.config.in_channels == 8
+    assert list(pipe.vae.config.block_out_channels) == [8, 16, 16]
+    with pytest.raises(ValueError, match="vae_data"):
+        pretrain(tmp_path / "n", dataset_size=4, vae_data="photos")

@@ -116,31 +116,41 @@ def make_text_encoder(vocab_size: int, bos: int, eos: int):
     return CLIPTextModel(config)
 
 
-def make_vae():
-    """64×64×3 ↔ 16×16×4 (three blocks: downsampling factor 4)."""
+def make_vae(
+    block_out_channels: tuple[int, ...] = (16, 32, 32), latent_channels: int = 4, logvar_init: float | None = None
+):
+    """64×64×3 ↔ 16×16×``latent_channels`` (three blocks: downsampling factor 4).  ``logvar_init`` sets the
+    initial log-variance of the posterior (``quant_conv``'s bias for those channels): a low value (e.g. −6)
+    starts it nearly deterministic, so the decoder sees the image, not noise, from the first step."""
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(
+    vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * len(block_out_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(block_out_channels),
+        block_out_channels=tuple(block_out_channels),
         layers_per_block=1,
-        latent_channels=4,
+        latent_channels=latent_channels,
         norm_num_groups=8,
         sample_size=64,
     )
+    if logvar_init is not None:
+        import torch
+
+        with torch.no_grad():
+            vae.quant_conv.bias[latent_channels:] = logvar_init  # quant_conv: (mean, logvar) per channel
+    return vae
 
 
-def make_unet():
+def make_unet(latent_channels: int = 4):
     """Cross-attention at 16×16 and 8×8 latents, 32 / 64 / 64 channels, 64-dim text (~1.5 M parameters)."""
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
         sample_size=16,
-        in_channels=4,
-        out_channels=4,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
         layers_per_block=1,
         block_out_channels=(32, 64, 64),
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),

@@ -17,6 +17,7 @@ from .pretrain_tools import (
     JUDGE_STEPS,
     build_pipeline,
     encode_dataset,
+    image_gradient_loss,
     image_grid,
     judge_pipeline,
     lr_at,
@@ -37,13 +38,6 @@ def render_decoder_dataset(n: int, seed: int) -> torch.Tensor:
     )
     pixels = np.stack([np.asarray(makers[i % len(makers)]()) for i in range(n)])
     return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
-
-
-def image_gradient_loss(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """L1 between the horizontal and vertical pixel differences of two (B, 3, H, W) images: stripes and edges."""
-    dx = lambda t: t[..., :, 1:] - t[..., :, :-1]  # noqa: E731
-    dy = lambda t: t[..., 1:, :] - t[..., :-1, :]  # noqa: E731
-    return F.l1_loss(dx(recon), dx(x)) + F.l1_loss(dy(recon), dy(x))
 
 
 def train_decoder(

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from . import components, world
-from .decoder import refine_decoder
+from .decoder import refine_decoder, render_decoder_dataset
 from .pretrain_tools import (  # noqa: F401 (re-exported: the stages' building blocks)
     JUDGE_GUIDANCE,
     JUDGE_STEPS,
@@ -151,9 +151,22 @@ def pretrain(
     judge_steps: int = JUDGE_STEPS,
     save_every: int = 500,
     stop_after: int | None = None,
+    vae_channels: tuple[int, ...] = (16, 32, 32),
+    latent_channels: int = 4,
+    vae_data: str = "world",
+    vae_lr: float | None = None,
+    vae_logvar_init: float | None = None,
+    vae_gradient_weight: float = 0.0,
 ) -> dict:
     """Run both phases (resuming from the state files in output_dir if a run was interrupted) and write
-    the pipeline, samples.png and pretraining.json to output_dir.  Returns the report."""
+    the pipeline, samples.png and pretraining.json to output_dir.  Returns the report.
+
+    The autoencoder: ``vae_channels`` / ``latent_channels`` (the UNet takes that many channels),
+    ``vae_data`` "world" (the stage-1 scenes + as many generic images) or "codec" (the stage-1 scenes + as
+    many of the decoder stage's images: stage-1 and stage-2 scenes, striped objects of every shape, generic
+    images — never the subject), ``vae_lr`` (default ``lr``), ``vae_logvar_init``, ``vae_gradient_weight``."""
+    if vae_data not in ("world", "codec"):
+        raise ValueError(f"vae_data must be 'world' or 'codec', not {vae_data!r}")
     from diffusers import DDPMScheduler
 
     output_dir = Path(output_dir)
@@ -167,7 +180,8 @@ def pretrain(
 
     tokenizer = components.make_tokenizer(output_dir / "tokenizer")
     text_encoder = components.make_text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
-    vae, unet = components.make_vae(), components.make_unet()
+    vae = components.make_vae(vae_channels, latent_channels, vae_logvar_init)
+    unet = components.make_unet(latent_channels)
     output_dir.mkdir(parents=True, exist_ok=True)
     vae_state = output_dir / ".pretrain-vae.pt"
     t0 = time.time()
@@ -178,8 +192,11 @@ def pretrain(
         vae.eval()
         log(f"resumed the VAE from {vae_state}")
     else:
-        vae_pixels = render_vae_dataset(pixels, n_generic=len(pixels), seed=seed)
-        train_vae(vae, vae_pixels, vae_steps, vae_batch_size, lr, generator, log)
+        if vae_data == "codec":
+            vae_pixels = torch.cat([pixels, render_decoder_dataset(len(pixels), seed)])
+        else:
+            vae_pixels = render_vae_dataset(pixels, n_generic=len(pixels), seed=seed)
+        train_vae(vae, vae_pixels, vae_steps, vae_batch_size, vae_lr or lr, generator, log, vae_gradient_weight)
         del vae_pixels
         torch.save({"vae": vae.state_dict(), "generator": generator.get_state()}, vae_state)
     vae_time = time.time() - t0
@@ -225,6 +242,12 @@ def pretrain(
         "dataset_size": dataset_size,
         "vae_steps": vae_steps,
         "vae_batch_size": vae_batch_size,
+        "vae_channels": list(vae_channels),
+        "latent_channels": latent_channels,
+        "vae_data": vae_data,
+        "vae_lr": vae_lr or lr,
+        "vae_logvar_init": vae_logvar_init,
+        "vae_gradient_weight": vae_gradient_weight,
         "unet_steps": unet_steps,
         "batch_size": batch_size,
         "lr": lr,
@@ -357,6 +380,19 @@ def main(argv=None) -> int:
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--vae_channels", default="16,32,32", help="the VAE's block widths, comma-separated")
+    p.add_argument("--latent_channels", type=int, default=4, help="channels of the 16×16 latent (and the UNet's input)")
+    p.add_argument(
+        "--vae_data",
+        choices=("world", "codec"),
+        default="world",
+        help="world: scenes + generic images; codec: "
+        "scenes + stage-2 scenes, striped objects of every shape and generic images",
+    )
+    p.add_argument("--vae_batch_size", type=int, default=32)
+    p.add_argument("--vae_lr", type=float, default=None, help="the VAE's peak learning rate (default --lr)")
+    p.add_argument("--vae_logvar_init", type=float, default=None, help="initial posterior log-variance (e.g. -6)")
+    p.add_argument("--vae_gradient_weight", type=float, default=0.0, help="weight of the image-gradient L1 loss")
     p.add_argument("--extend_steps", type=int, default=1200, help="stage 2 steps (0: stage 1 only)")
     p.add_argument(
         "--stage2_only", action="store_true", help="run stage 2 on the stage-1 model already in --output_dir"
@@ -379,6 +415,13 @@ def main(argv=None) -> int:
             seed=args.seed,
             dataset_size=args.dataset_size,
             vae_steps=args.vae_steps,
+            vae_batch_size=args.vae_batch_size,
+            vae_channels=tuple(int(c) for c in args.vae_channels.split(",")),
+            latent_channels=args.latent_channels,
+            vae_data=args.vae_data,
+            vae_lr=args.vae_lr,
+            vae_logvar_init=args.vae_logvar_init,
+            vae_gradient_weight=args.vae_gradient_weight,
             unet_steps=args.unet_steps,
             batch_size=args.batch_size,
             lr=args.lr,

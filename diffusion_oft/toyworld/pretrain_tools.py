@@ -44,6 +44,13 @@ def subject_reconstruction(vae) -> float:
     return judge_subject([Image.fromarray(r) for r in recon], ["white"] * len(images))["subject_fidelity"]
 
 
+def image_gradient_loss(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """L1 between the horizontal and vertical pixel differences of two (B, 3, H, W) images: stripes and edges."""
+    dx = lambda t: t[..., :, 1:] - t[..., :, :-1]  # noqa: E731
+    dy = lambda t: t[..., 1:, :] - t[..., :-1, :]  # noqa: E731
+    return F.l1_loss(dx(recon), dx(x)) + F.l1_loss(dy(recon), dy(x))
+
+
 def to_unit(pixels_uint8: torch.Tensor) -> torch.Tensor:
     return pixels_uint8.float() / 127.5 - 1.0
 
@@ -55,7 +62,11 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train_vae(vae, pixels, steps: int, batch_size: int, lr: float, generator, log) -> None:
+def train_vae(
+    vae, pixels, steps: int, batch_size: int, lr: float, generator, log, gradient_weight: float = 0.0
+) -> None:
+    """L1 + MSE reconstruction of a posterior sample (+ ``gradient_weight`` × image-gradient L1, which keeps
+    stripes and edges) + 1e-6 × KL."""
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     vae.train()
     for step in range(steps):
@@ -68,6 +79,8 @@ def train_vae(vae, pixels, steps: int, batch_size: int, lr: float, generator, lo
         recon = vae.decode(z).sample
         rec_loss = F.l1_loss(recon, x) + F.mse_loss(recon, x)
         loss = rec_loss + 1e-6 * posterior.kl().mean()
+        if gradient_weight:
+            loss = loss + gradient_weight * image_gradient_loss(recon, x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
