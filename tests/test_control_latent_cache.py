@@ -153,3 +153,20 @@ def test_datasets_rows_are_cached_by_row(tmp_path):
         if trainer.latent_cache is not None:
             assert trainer.latent_cache.encoded == 3 and trainer.latent_cache.key(2)[0] == "row 2"
     assert losses(results[0]) == losses(results[1])
+
+
+def test_train_control_on_scenes_rendered_from_the_toy_world(workspace, tmp_path, capsys):
+    from diffusion_oft.cli import main as cli_main
+
+    _, model, data = workspace
+    out = tmp_path / "run"
+    argv = ["train", "control", "--pretrained_model_name_or_path", str(model), "--toyworld_scenes", "5",
+            "--resolution", str(RES), "--max_train_steps", "2", "--report_to", "none",
+            "--output_dir", str(out)]  # fmt: skip
+    assert cli_main(argv) == 0
+    rows = (out / "toyworld_data" / "metadata.jsonl").read_text().splitlines()
+    first = (Path(__file__).resolve().parents[1] / "assets" / "control" / "metadata.jsonl").read_text().splitlines()
+    assert rows == first[:5]  # seed 2000: assets/control's scenes first
+    assert (out / "condition_encoder.safetensors").is_file()
+    assert cli_main([*argv[:-2], "--output_dir", str(tmp_path / "x"), "--train_data_dir", str(data)]) != 0
+    assert "--toyworld_scenes renders its own data" in capsys.readouterr().err
