@@ -69,16 +69,27 @@ def subject_data(pipe):
     return encode(pipe, pixels_of([Image.open(p) for p in paths]), captions)
 
 
-def control_data(pipe):
+def control_data(pipe, scenes: int | None = None):
+    """The control training triples: assets/control's 120, or ``scenes`` rendered from the world with the
+    same seed (its first 120 are assets/control's; what ``train control --toyworld_scenes`` writes)."""
     from PIL import Image
 
+    from diffusion_oft.toyworld import world
+    from diffusion_oft.toyworld.datasets import control_scenes
     from diffusion_oft.toyworld.finetune import encode, pixels_of
 
-    folder = ROOT / "assets" / "control"
-    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines() if line.strip()]
-    latents, text = encode(pipe, pixels_of([Image.open(folder / r["image"]) for r in rows]), [r["text"] for r in rows])
-    conds = (pixels_of([Image.open(folder / r["conditioning_image"]) for r in rows]) + 1) / 2  # [0, 1]
-    return latents, text, conds
+    if scenes:
+        picked = control_scenes(scenes, 2000)
+        images, edges = [world.render(s) for s in picked], [world.edge_map(s) for s in picked]
+        texts = [world.caption(s) for s in picked]
+    else:
+        folder = ROOT / "assets" / "control"
+        rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines() if line.strip()]
+        images = [Image.open(folder / r["image"]) for r in rows]
+        edges = [Image.open(folder / r["conditioning_image"]) for r in rows]
+        texts = [r["text"] for r in rows]
+    latents, text = encode(pipe, pixels_of(images), texts)
+    return latents, text, (pixels_of(edges) + 1) / 2  # conditions in [0, 1]
 
 
 def run_subject(model, spec, lr, steps, seed, eval_seeds):
@@ -140,8 +151,10 @@ def difference(a: list[list[float]], b: list[list[float]], seed: int = 0) -> tup
     return d, float(np.quantile(draws, 0.025)), float(np.quantile(draws, 0.975))
 
 
-CONTROL_LR = 1e-3  # every trained control part (adapter, encoder, ControlNet) at this rate
+CONTROL_LR = 1e-3  # the adapters and the full ControlNet's copied UNet
+CONTROL_ENCODER_LR = 3e-3  # every new part: condition encoder, the ControlNets' hint encoder and zero convs
 CONTROL_BATCH = 8
+CONTROL_SCENES = 4000  # training triples rendered from the world (train control --toyworld_scenes)
 
 
 def control_references(encoder_design: str):
@@ -178,10 +191,15 @@ def run_control(
     from diffusion_oft.toyworld.finetune import ControlNetPipe, load_toy_pipeline, train
 
     pipe = load_toy_pipeline(model, control=True)
-    latents, text, conds = control_data(pipe)
+    latents, text, conds = control_data(pipe, CONTROL_SCENES)
     torch.manual_seed(seed)
     common = dict(
-        steps=steps, lr=CONTROL_LR, encoder_lr=CONTROL_LR, seed=seed, conditions=conds, batch_size=CONTROL_BATCH
+        steps=steps,
+        lr=CONTROL_LR,
+        encoder_lr=CONTROL_ENCODER_LR,
+        seed=seed,
+        conditions=conds,
+        batch_size=CONTROL_BATCH,
     )
     encoder = controlnet = None
     if kind == "encoder":
@@ -290,8 +308,9 @@ def control_task(args, out: Path) -> None:
     rows.append({"key": "ceiling", "method": "ceiling (VAE reconstructions)", "held_out": ceiling})
     elapsed = time.time() - start
     header = (
-        f"Toy-world control references: {args.control_steps} steps of batch {CONTROL_BATCH} on the 120 triples "
-        f"of assets/control (latents cached), lr {CONTROL_LR:g} for every trained part, cubic timesteps + "
+        f"Toy-world control references: {args.control_steps} steps of batch {CONTROL_BATCH} on {CONTROL_SCENES} "
+        f"triples rendered from the world (latents cached), lr {CONTROL_LR:g} for the adapters and the copied "
+        f"UNet, {CONTROL_ENCODER_LR:g} for the new encoders and zero convs, cubic timesteps + "
         f"v-space loss; judged on 12 held-out + 12 hand-drawn outlines (20 DPM-Solver steps, guidance 4). "
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s), torch "
         f"{torch.__version__}; total {elapsed / 60:.1f} min."
