@@ -154,28 +154,48 @@ def difference(a: list[list[float]], b: list[list[float]], seed: int = 0) -> tup
 CONTROL_LR = 1e-3  # the adapters and the full ControlNet's copied UNet
 CONTROL_ENCODER_LR = 3e-3  # every new part: condition encoder, the ControlNets' hint encoder and zero convs
 CONTROL_BATCH = 8
+CONTROL_STEPS = 6000  # the README's toy train control command
 CONTROL_SCENES = 4000  # training triples rendered from the world (train control --toyworld_scenes)
+
+
+def control_adapter_specs():
+    """The control rows' adapters: attention + feed-forward (``train control --train_ff``: at 1,000 steps
+    edge F1 0.377 vs 0.334 on the attention alone), sized so that adapter + slim encoder stay under 10 %
+    of the full ControlNet's 703,984 parameters."""
+    from diffusion_oft.config import AdapterConfig
+    from diffusion_oft.toyworld.finetune import TARGETS, AdapterSpec
+    from diffusion_oft.training.args import FF_TARGETS
+
+    ff = tuple(FF_TARGETS)
+    return {
+        "oft": AdapterSpec("OFT b=16 +FF", AdapterConfig(method="oft", block_size=16, extra_target_modules=ff)),
+        "boft": AdapterSpec(
+            "BOFT b=8 m=2 +FF",
+            AdapterConfig(method="boft", block_size=8, n_butterfly_factors=2, extra_target_modules=ff),
+        ),
+        "lora": AdapterSpec("LoRA r=4 (PEFT) +FF", lora_rank=4, lora_targets=(*TARGETS, *ff)),
+    }
 
 
 def control_references(encoder_design: str):
     """The control task's rows: (key, label, kind, spec, design); kind "encoder" = our default setup
     (adapter on the UNet + condition encoder), "controlnet" = adapter on a ControlNet copy
     (``--control_mode controlnet``), "full_controlnet" = every ControlNet parameter trained."""
-    specs = dict(adapter_specs(["oft", "boft", "lora"]))
+    specs = control_adapter_specs()
     other = "hint" if encoder_design == "slim" else "slim"
     return [
         ("full_controlnet", "full ControlNet (ControlNetModel.from_unet, all trained)", "full_controlnet", None, None),
-        ("oft", f"OFT b=32 + {encoder_design} encoder", "encoder", specs["oft"], encoder_design),
-        ("boft", f"BOFT b=8 m=2 + {encoder_design} encoder", "encoder", specs["boft"], encoder_design),
-        ("lora", f"LoRA r=4 (PEFT) + {encoder_design} encoder", "encoder", specs["lora"], encoder_design),
+        ("oft", f"{specs['oft'].name} + {encoder_design} encoder", "encoder", specs["oft"], encoder_design),
+        ("boft", f"{specs['boft'].name} + {encoder_design} encoder", "encoder", specs["boft"], encoder_design),
+        ("lora", f"{specs['lora'].name} + {encoder_design} encoder", "encoder", specs["lora"], encoder_design),
         (
             "controlnet_mode",
-            "--control_mode controlnet (OFT b=32 on the copy + hint/zero convs)",
+            f"--control_mode controlnet ({specs['oft'].name} on the copy + hint/zero convs)",
             "controlnet",
             specs["oft"],
             None,
         ),
-        (f"oft_{other}", f"OFT b=32 + {other} encoder", "encoder", specs["oft"], other),
+        (f"oft_{other}", f"{specs['oft'].name} + {other} encoder", "encoder", specs["oft"], other),
     ]
 
 
@@ -389,9 +409,9 @@ def main(argv=None) -> int:
     p.add_argument(
         "--control_steps",
         type=int,
-        default=600,
-        help="control task budget (the multiscale encoder, cubic timesteps, v-space loss; at 150 steps "
-        "nothing is followed yet)",
+        default=CONTROL_STEPS,
+        help="control task budget (the README's train control recipe: multiscale encoder, cubic "
+        "timesteps, v-space loss, 4,000 rendered triples; at 150 steps nothing is followed yet)",
     )
     p.add_argument(
         "--control_encoder",

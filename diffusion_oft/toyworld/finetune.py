@@ -31,6 +31,7 @@ class AdapterSpec:
     config: AdapterConfig | None = None
     lora_rank: int | None = None
     full: bool = False  # full finetuning of the UNet (the reference row): no adapter
+    lora_targets: tuple[str, ...] = tuple(TARGETS)  # PEFT LoRA's target_modules
 
     def attach(self, unet: torch.nn.Module) -> list[torch.nn.Parameter]:
         """Add the adapter to a frozen UNet; returns its trainable parameters."""
@@ -43,7 +44,10 @@ class AdapterSpec:
 
             unet.add_adapter(
                 LoraConfig(
-                    r=self.lora_rank, lora_alpha=self.lora_rank, init_lora_weights="gaussian", target_modules=TARGETS
+                    r=self.lora_rank,
+                    lora_alpha=self.lora_rank,
+                    init_lora_weights="gaussian",
+                    target_modules=list(self.lora_targets),
                 )
             )
         return [p for p in unet.parameters() if p.requires_grad]
