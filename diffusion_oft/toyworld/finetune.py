@@ -31,6 +31,7 @@ class AdapterSpec:
     config: AdapterConfig | None = None
     lora_rank: int | None = None
     full: bool = False  # full finetuning of the UNet (the reference row): no adapter
+    lora_targets: tuple[str, ...] = tuple(TARGETS)  # PEFT LoRA's target_modules
 
     def attach(self, unet: torch.nn.Module) -> list[torch.nn.Parameter]:
         """Add the adapter to a frozen UNet; returns its trainable parameters."""
@@ -43,7 +44,10 @@ class AdapterSpec:
 
             unet.add_adapter(
                 LoraConfig(
-                    r=self.lora_rank, lora_alpha=self.lora_rank, init_lora_weights="gaussian", target_modules=TARGETS
+                    r=self.lora_rank,
+                    lora_alpha=self.lora_rank,
+                    init_lora_weights="gaussian",
+                    target_modules=list(self.lora_targets),
                 )
             )
         return [p for p in unet.parameters() if p.requires_grad]
@@ -132,9 +136,10 @@ def train(
     to it (``diffusion-oft train control``'s default mode); with a ``controlnet`` (diffusers'
     ``ControlNetModel``), its residuals feed the frozen UNet and the adapter goes on the ControlNet's
     attention, whose hint encoder and zero convs train in full at ``encoder_lr`` (``--control_mode
-    controlnet``), or, with ``spec=None``, every ControlNet parameter trains at ``lr`` (the ControlNet
-    paper's setup).  Loss: min-SNR-5 on uniform timesteps; for control by default the control recipe
-    of ``diffusion-oft train control``: cubic timestep bias and the v-space MSE."""
+    controlnet``), or, with ``spec=None``, every ControlNet parameter trains (the ControlNet paper's
+    setup): the copied UNet's at ``lr``, the new hint encoder and zero convs at ``encoder_lr``.  Loss:
+    min-SNR-5 on uniform timesteps; for control by default the control recipe of ``diffusion-oft train
+    control``: cubic timestep bias and the v-space MSE."""
     is_control = encoder is not None or controlnet is not None
     if is_control:
         timestep_bias = timestep_bias or "cubic"
@@ -154,8 +159,10 @@ def train(
             params = spec.attach(controlnet)
             for part in CONTROLNET_TRAINED_PARTS:
                 extra += list(getattr(controlnet, part).requires_grad_(True).parameters())
-        else:
-            params = list(controlnet.parameters())
+        else:  # every parameter; the new hint encoder and zero convs at encoder_lr, as in the other rows
+            fresh = {id(p) for part in CONTROLNET_TRAINED_PARTS for p in getattr(controlnet, part).parameters()}
+            params = [p for p in controlnet.parameters() if id(p) not in fresh]
+            extra = [p for p in controlnet.parameters() if id(p) in fresh]
         control = ControlNetUNet(pipe.unet, controlnet)
         trained = controlnet
     else:
@@ -198,9 +205,10 @@ def train(
     if encoder is not None:
         pipe.set_condition_encoder(encoder)
     n_params = sum(p.numel() for p in params) if spec is None else spec.trainable_count(trained)
+    n_extra = sum(p.numel() for p in extra)
     return {
-        "params": n_params + sum(p.numel() for p in extra),
-        "adapter_params": n_params,
+        "params": n_params + n_extra,
+        "adapter_params": n_params + n_extra if spec is None else n_params,  # full ControlNet: all of it
         "seconds": time.time() - start,
         "first_loss": float(np.mean(losses[:20])),
         "last_loss": float(np.mean(losses[-20:])),

@@ -21,6 +21,7 @@ from ..control import (
 from ..model import add_adapter, count_adapter_parameters
 from .args import FF_TARGETS, adapter_config_from_args, control_parser, finalize_args
 from .control_data import ControlDataset, collate_control, records_from_dataset, records_from_folder
+from .latents import LatentCache, scale_latents
 from .loop import ADAPTER_FILE, AdapterTrainer, cast_trainable_to_fp32, trainable_adapter_params
 from .loss import diffusion_loss, sample_noise, sample_timesteps, training_target
 from .models import encode_prompts_cached, load_base_model, sdxl_time_ids, to_device
@@ -166,6 +167,32 @@ class ControlTrainer(AdapterTrainer):
         if args.enable_xformers_memory_efficient_attention:
             self.adapted.enable_xformers_memory_efficient_attention()
         self._prompt_cache: dict[str, tuple] = {}
+        self.latent_cache = self.build_latent_cache()
+
+    def build_latent_cache(self) -> LatentCache | None:
+        """The VAE's output for every training image, when the crops do not change between steps
+        (as the DreamBooth trainer's: same latents as encoding every step, sampled with the step's
+        generator)."""
+        args, dataset = self.args, self.dataset
+        if not getattr(args, "cache_latents", True):
+            return None
+        if not dataset.crops_are_fixed():
+            self.log(
+                "VAE latents are encoded every step: random crops of non-square images differ at each step "
+                "(--center_crop makes them cacheable)"
+            )
+            return None
+        cache = LatentCache(
+            self.base.vae,
+            dataset.pixels_of,
+            args.resolution,
+            "center" if args.center_crop else "square",
+            chunk_size=args.train_batch_size,
+            fingerprint=dataset.fingerprint,
+        )
+        cache.build(range(len(dataset)))
+        dataset.skip_pixels = True  # the steps read the cache, not the pixels
+        return cache
 
     # ---- trainer interface -------------------------------------------------------------------------
     def adapted_components(self) -> dict[str, nn.Module]:
@@ -199,7 +226,11 @@ class ControlTrainer(AdapterTrainer):
         args, base = self.args, self.base
         device, dtype = self.accelerator.device, self.weight_dtype
         with torch.no_grad():
-            latents = encode_latents(base.vae, batch["pixel_values"], generator).to(dtype)
+            if self.latent_cache is not None:  # same sample as encode_latents: same parameters, same generator
+                dist = self.latent_cache.distribution(batch["indices"])
+                latents = scale_latents(base.vae, dist.sample(generator=generator)).to(dtype)
+            else:
+                latents = encode_latents(base.vae, batch["pixel_values"], generator).to(dtype)
         noise = sample_noise(latents, generator, args.noise_offset)
         timesteps = sample_timesteps(latents.shape[0], base.noise_scheduler, generator, device, args.timestep_bias)
         noisy = base.noise_scheduler.add_noise(latents, noise, timesteps)

@@ -147,6 +147,40 @@ class ControlDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    skip_pixels = False  # True once the VAE latents are cached: items then carry no pixels (None)
+
+    def _is_file(self, index: int) -> bool:
+        return isinstance(self.records[index]["image"], (str, Path))
+
+    def fingerprint(self, index: int) -> tuple:
+        """What keys row ``index``'s latents: its image file's (path, size, mtime), or the row itself
+        for in-memory images (a ``datasets`` row does not change during a run)."""
+        from .latents import file_fingerprint
+
+        if self._is_file(index):
+            return file_fingerprint(self.records[index]["image"])
+        return (f"row {index}", 0, 0)
+
+    def crops_are_fixed(self) -> bool:
+        """Whether every image gives the same pixels at every step (center crop, or square images)."""
+        if self.center_crop:
+            return True
+        for i in range(len(self)):
+            value = self.records[i]["image"]
+            if isinstance(value, (str, Path)):
+                with Image.open(value) as img:
+                    size = img.size
+            else:
+                size = value.size
+            if size[0] != size[1]:
+                return False
+        return True
+
+    def pixels_of(self, index: int) -> torch.Tensor:
+        """(3, H, W) in [-1, 1]: what ``__getitem__`` gives for row ``index`` when ``crops_are_fixed()``."""
+        image = _open(self.records[index]["image"])
+        return to_tensor(resize_and_crop(image, self.resolution, True, None)[0])
+
     def __getitem__(self, key) -> dict:
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         rng = np.random.default_rng([self.seed, epoch, index, 0xC0])
@@ -167,7 +201,8 @@ class ControlDataset(torch.utils.data.Dataset):
         if self.proportion_empty and rng.random() < self.proportion_empty:
             text = ""
         return {
-            "pixels": to_tensor(crop),
+            "index": index,
+            "pixels": None if self.skip_pixels else to_tensor(crop),
             "conditioning": to_tensor(cond, normalize=False),
             "text": text,
             "original_size": original,
@@ -177,7 +212,9 @@ class ControlDataset(torch.utils.data.Dataset):
 
 def collate_control(examples: list[dict]) -> dict:
     return {
-        "pixel_values": torch.stack([e["pixels"] for e in examples]),
+        # None when the dataset skips the pixels (their VAE latents are cached)
+        "pixel_values": None if examples[0]["pixels"] is None else torch.stack([e["pixels"] for e in examples]),
+        "indices": [e["index"] for e in examples],
         "conditioning": torch.stack([e["conditioning"] for e in examples]),
         "texts": [e["text"] for e in examples],
         "original_sizes": [e["original_size"] for e in examples],

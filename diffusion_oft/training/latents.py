@@ -8,7 +8,9 @@ long as the encoder returns the same parameters: exactly so when it sees the sam
 (CPU kernels may differ in the last bits between batch 1 and larger batches).
 
 An entry is keyed by the image file (path, size, mtime), the resolution and the crop mode: a file
-rewritten on disk is encoded again at its next use.  The cache is built in a fixed order and
+rewritten on disk is encoded again at its next use.  Images that are no files (rows of a ``datasets``
+dataset) are keyed by what ``fingerprint`` returns for them instead (the control trainer: the row's
+index, fixed for the run).  The cache is built in a fixed order and
 chunking (not in the order training visits the images), so a resumed run sees the same numbers.
 Only images whose crop does not depend on the step can be cached: random crops of non-square
 photos are a new variant almost every time (a 512 crop of a 768×512 photo has 257), so there the
@@ -18,7 +20,7 @@ trainer encodes every step instead.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 
 import torch
@@ -52,16 +54,26 @@ class LatentCache:
     """
 
     def __init__(
-        self, vae: nn.Module, load: Callable[[Path], torch.Tensor], resolution: int, crop: str, chunk_size: int = 8
+        self,
+        vae: nn.Module,
+        load: Callable[[Path], torch.Tensor],
+        resolution: int,
+        crop: str,
+        chunk_size: int = 8,
+        fingerprint: Callable[[Hashable], tuple] | None = None,
     ):
+        """``fingerprint(item)`` -> (identity, size, version) replaces the file's (path, size, mtime) for
+        items that are not paths; the items are then used as given (not turned into paths)."""
         self.vae, self.load, self.resolution, self.crop = vae, load, resolution, crop
+        self.fingerprint = fingerprint or file_fingerprint
+        self._item = (lambda x: x) if fingerprint is not None else Path
         self.chunk_size = max(1, chunk_size)
         self.entries: dict[tuple, torch.Tensor] = {}  # key -> (2C, h, w)
         self._key_of: dict[str, tuple] = {}  # path -> its current key (a rewritten file drops the old entry)
         self.encoded = 0  # images encoded so far (tests, logs)
 
     def key(self, path: str | Path) -> tuple:
-        return (*file_fingerprint(path), self.resolution, self.crop)
+        return (*self.fingerprint(path), self.resolution, self.crop)
 
     @torch.no_grad()
     def _encode(self, paths: Sequence[Path]) -> None:
@@ -79,14 +91,15 @@ class LatentCache:
 
     def build(self, paths: Sequence[str | Path]) -> LatentCache:
         """Encode every image not cached yet (in the given order, in chunks of ``chunk_size``)."""
-        unique = list(dict.fromkeys(Path(p) for p in paths))
+        unique = list(dict.fromkeys(self._item(p) for p in paths))
         self._encode([p for p in unique if self.key(p) not in self.entries])
         return self
 
     def parameters(self, paths: Sequence[str | Path]) -> torch.Tensor:
         """(B, 2C, h, w) for the images of a batch; a file changed on disk is encoded again."""
         keys = [self.key(p) for p in paths]
-        stale = list(dict.fromkeys(Path(p) for p, k in zip(paths, keys, strict=True) if k not in self.entries))
+        stale = [self._item(p) for p, k in zip(paths, keys, strict=True) if k not in self.entries]
+        stale = list(dict.fromkeys(stale))
         if stale:
             self._encode(stale)
         return torch.stack([self.entries[k] for k in keys])

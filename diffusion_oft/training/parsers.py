@@ -325,6 +325,14 @@ def control_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="v: MSE measured in v-space (an epsilon model's loss times 1 + 1/SNR, so the "
         "high-noise steps count); epsilon: the plain loss on the model's target (with --snr_gamma)",
     )
+    g.add_argument(
+        "--no_cache_latents",
+        dest="cache_latents",
+        action="store_false",
+        help="encode the images with the VAE at every step instead of once (the cache is on by default "
+        "and gives the same latents; it is skipped by itself for random crops of non-square images)",
+    )
+    g.add_argument("--cache_latents", dest="cache_latents", action="store_true", default=True, help="on by default")
     g = p.add_argument_group("data")
     g.add_argument("--dataset_name", default=None, help="a datasets dataset: local path (save_to_disk) or hub name")
     g.add_argument("--dataset_config_name", default=None)
