@@ -152,9 +152,6 @@ def difference(a: list[list[float]], b: list[list[float]], seed: int = 0) -> tup
 
 
 CONTROL_LR = 1e-3  # the adapters and the full ControlNet's copied UNet
-# rows trained at another rate for the copied UNet: the full ControlNet at 1e-3 peaks early (F1 0.470 at
-# 1,000 steps, 0.352 at 6,000), so the reference is also trained at 1e-4
-CONTROL_LR_BY_KEY = {"full_controlnet_lr1e-4": 1e-4}
 CONTROL_ENCODER_LR = 3e-3  # every new part: condition encoder, the ControlNets' hint encoder and zero convs
 CONTROL_BATCH = 8
 CONTROL_STEPS = 6000  # the README's toy train control command
@@ -188,13 +185,6 @@ def control_references(encoder_design: str):
     other = "hint" if encoder_design == "slim" else "slim"
     return [
         ("full_controlnet", "full ControlNet (ControlNetModel.from_unet, all trained)", "full_controlnet", None, None),
-        (
-            "full_controlnet_lr1e-4",
-            "full ControlNet, copied UNet at lr 1e-4",
-            "full_controlnet",
-            None,
-            None,
-        ),
         ("oft", f"{specs['oft'].name} + {encoder_design} encoder", "encoder", specs["oft"], encoder_design),
         ("boft", f"{specs['boft'].name} + {encoder_design} encoder", "encoder", specs["boft"], encoder_design),
         ("lora", f"{specs['lora'].name} + {encoder_design} encoder", "encoder", specs["lora"], encoder_design),
@@ -225,7 +215,7 @@ def run_control(
     torch.manual_seed(seed)
     common = dict(
         steps=steps,
-        lr=CONTROL_LR_BY_KEY.get(key, CONTROL_LR),
+        lr=CONTROL_LR,
         encoder_lr=CONTROL_ENCODER_LR,
         seed=seed,
         conditions=conds,
@@ -373,7 +363,7 @@ CONTROL_HEAD = (
     "F1 at scale 0 / 0.5 | F1 / full ControlNet's | gap closed | colour kept | hand-drawn followed | "
     "hand-drawn F1 | train s |"
 )
-FULL_CONTROLNETS = ("full_controlnet", "full_controlnet_lr1e-4")  # the best of them is the reference
+FULL_CONTROLNET = "full_controlnet"  # the row the others are compared with
 
 
 def format_control_row(row: dict, ceiling: dict, full: dict | None = None, base_f1: float | None = None) -> str:
@@ -402,8 +392,7 @@ def format_control_row(row: dict, ceiling: dict, full: dict | None = None, base_
 
 
 def format_control_table(rows: list[dict], ceiling: dict) -> str:
-    fulls = [r for r in rows if r.get("key") in FULL_CONTROLNETS]
-    full = max(fulls, key=lambda r: r["held_out"]["edge_f1"]) if fulls else None
+    full = next((r for r in rows if r.get("key") == FULL_CONTROLNET), None)
     base_f1 = next((r["held_out"]["edge_f1"] for r in rows if r.get("key") == "base"), None)
     return "\n".join(
         [CONTROL_HEAD, "| " + " | ".join(["---"] * 13) + " |"]
@@ -435,7 +424,7 @@ def main(argv=None) -> int:
         nargs="+",
         default=None,
         help="run only these control references (keys: oft boft lora oft_hint|oft_slim "
-        "full_controlnet full_controlnet_lr1e-4 controlnet_mode)",
+        "full_controlnet controlnet_mode)",
     )
     p.add_argument("--control_runs_dir", default=None, help="keep each trained control reference here (<key>.pt) ...")
     p.add_argument(
