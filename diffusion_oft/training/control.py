@@ -21,7 +21,7 @@ from ..control import (
 from ..model import add_adapter, count_adapter_parameters
 from .args import FF_TARGETS, adapter_config_from_args, control_parser, finalize_args
 from .control_data import ControlDataset, collate_control, records_from_dataset, records_from_folder
-from .latents import LatentCache, scale_latents
+from .latents import LatentCache, cache_dataset_latents, scale_latents
 from .loop import ADAPTER_FILE, AdapterTrainer, cast_trainable_to_fp32, trainable_adapter_params
 from .loss import diffusion_loss, sample_noise, sample_timesteps, training_target
 from .models import encode_prompts_cached, load_base_model, sdxl_time_ids, to_device
@@ -174,25 +174,9 @@ class ControlTrainer(AdapterTrainer):
         (as the DreamBooth trainer's: same latents as encoding every step, sampled with the step's
         generator)."""
         args, dataset = self.args, self.dataset
-        if not getattr(args, "cache_latents", True):
-            return None
-        if not dataset.crops_are_fixed():
-            self.log(
-                "VAE latents are encoded every step: random crops of non-square images differ at each step "
-                "(--center_crop makes them cacheable)"
-            )
-            return None
-        cache = LatentCache(
-            self.base.vae,
-            dataset.pixels_of,
-            args.resolution,
-            "center" if args.center_crop else "square",
-            chunk_size=args.train_batch_size,
-            fingerprint=dataset.fingerprint,
+        return cache_dataset_latents(
+            self.base.vae, dataset, args, self.log, range(len(dataset)), args.train_batch_size, dataset.fingerprint
         )
-        cache.build(range(len(dataset)))
-        dataset.skip_pixels = True  # the steps read the cache, not the pixels
-        return cache
 
     # ---- trainer interface -------------------------------------------------------------------------
     def adapted_components(self) -> dict[str, nn.Module]:

@@ -106,3 +106,25 @@ class LatentCache:
 
     def distribution(self, paths: Sequence[str | Path]):
         return latent_distribution(self.parameters(paths))
+
+
+def cache_dataset_latents(
+    vae: nn.Module, dataset, args, log: Callable[[str], None], items: Sequence, chunk_size: int, fingerprint=None
+) -> LatentCache | None:
+    """Encode every training image of ``dataset`` once (the trainers' default): ``None`` when
+    ``--no_cache_latents`` is set or the dataset's crops change between steps (random crops of
+    non-square images).  The dataset then serves cache indices instead of pixels."""
+    if not getattr(args, "cache_latents", True):
+        return None
+    if not dataset.crops_are_fixed():
+        log(
+            "VAE latents are encoded every step: random crops of non-square images differ at each step "
+            "(--center_crop makes them cacheable)"
+        )
+        return None
+    kwargs = {} if fingerprint is None else {"fingerprint": fingerprint}
+    crop = "center" if args.center_crop else "square"
+    cache = LatentCache(vae, dataset.pixels_of, args.resolution, crop, chunk_size=chunk_size, **kwargs)
+    cache.build(items)
+    dataset.skip_pixels = True  # the steps read the cache, not the pixels
+    return cache

@@ -15,7 +15,7 @@ from ..config import AdapterConfig
 from ..model import add_adapter, count_adapter_parameters, find_targets, validate_targets
 from .args import TEXT_ENCODER_TARGETS, adapter_config_from_args
 from .data import BadDataWarning, DreamBoothDataset, collate_dreambooth, list_images, mix_seed, sidecar_caption
-from .latents import LatentCache, scale_latents
+from .latents import LatentCache, cache_dataset_latents, scale_latents
 from .loop import ADAPTER_FILE, AdapterTrainer, cast_trainable_to_fp32, trainable_adapter_params
 from .loss import diffusion_loss, sample_noise, sample_timesteps, training_target
 from .models import encode_prompts, encode_prompts_cached, inference_pipeline, load_base_model, sdxl_time_ids, to_device
@@ -113,21 +113,8 @@ class DreamBoothTrainer(AdapterTrainer):
     def build_latent_cache(self) -> LatentCache | None:
         """The VAE's output for every training image, when the crops do not change between steps."""
         args, dataset = self.args, self.dataset
-        if not getattr(args, "cache_latents", True):
-            return None
-        if not dataset.crops_are_fixed():
-            self.log(
-                "VAE latents are encoded every step: random crops of non-square images differ at each step "
-                "(--center_crop makes them cacheable)"
-            )
-            return None
         chunk = args.train_batch_size * (2 if args.with_prior_preservation else 1)
-        cache = LatentCache(
-            self.vae, dataset.pixels_of, args.resolution, "center" if args.center_crop else "square", chunk_size=chunk
-        )
-        cache.build(dataset.all_images())
-        dataset.skip_pixels = True  # the steps read the cache, not the image files
-        return cache
+        return cache_dataset_latents(self.vae, dataset, args, self.log, dataset.all_images(), chunk)
 
     # ---- prior preservation ------------------------------------------------------------------------
     def prepare_class_images(self) -> list[Path]:
