@@ -648,7 +648,22 @@ def test_toyworld_loop_trains_controlnet_references(tmp_path):
     )
     full = ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=default_channels(2))
     before = {n: p.detach().clone() for n, p in full.named_parameters()}
-    info = train(pipe, None, latents, text, steps=2, lr=1e-3, conditions=conds, controlnet=full)
+    seen = []
+    info = train(
+        pipe,
+        None,
+        latents,
+        text,
+        steps=2,
+        lr=1e-3,
+        conditions=conds,
+        controlnet=full,
+        max_grad_norm=1e-3,
+        on_step=seen.append,
+    )
+    assert seen == [1, 2]  # on_step after each optimiser step
+    median, largest, clipped = info["grad_norm"]  # norms before clipping; at 1e-3 every step is clipped
+    assert 1e-3 < median <= largest and clipped == 1.0
     assert info["params"] == sum(p.numel() for p in full.parameters())
     assert not torch.equal(
         before["down_blocks.0.attentions.0.proj_in.weight"], full.down_blocks[0].attentions[0].proj_in.weight

@@ -129,6 +129,8 @@ def train(
     encoder_lr: float = 1e-3,
     timestep_bias: str | None = None,
     loss_space: str | None = None,
+    max_grad_norm: float | None = None,
+    on_step=None,
 ) -> dict:
     """Train ``spec``'s adapter on (latents, text embeddings[, conditions]).  Returns params/time/losses.
 
@@ -139,7 +141,9 @@ def train(
     controlnet``), or, with ``spec=None``, every ControlNet parameter trains (the ControlNet paper's
     setup): the copied UNet's at ``lr``, the new hint encoder and zero convs at ``encoder_lr``.  Loss:
     min-SNR-5 on uniform timesteps; for control by default the control recipe of ``diffusion-oft train
-    control``: cubic timestep bias and the v-space MSE."""
+    control``: cubic timestep bias and the v-space MSE.  With ``max_grad_norm`` gradients are clipped
+    to that norm (the trainers' and diffusers' scripts' default is 1.0); ``on_step(step)`` is
+    called after each optimiser step (1-based), e.g. to keep checkpoints."""
     is_control = encoder is not None or controlnet is not None
     if is_control:
         timestep_bias = timestep_bias or "cubic"
@@ -178,7 +182,7 @@ def train(
         groups.append({"params": extra, "lr": encoder_lr})
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     trained.train()
-    losses, start = [], time.time()
+    losses, norms, start = [], [], time.time()
     for _ in range(steps):
         idx = torch.randint(0, len(latents), (batch_size,), generator=g)
         x0 = latents[idx]
@@ -199,8 +203,13 @@ def train(
         )
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if max_grad_norm:
+            all_params = [p for group in groups for p in group["params"]]
+            norms.append(float(torch.nn.utils.clip_grad_norm_(all_params, max_grad_norm)))
         opt.step()
         losses.append(loss.item())
+        if on_step is not None:
+            on_step(len(losses))
     trained.eval()
     if encoder is not None:
         pipe.set_condition_encoder(encoder)
@@ -212,4 +221,8 @@ def train(
         "seconds": time.time() - start,
         "first_loss": float(np.mean(losses[:20])),
         "last_loss": float(np.mean(losses[-20:])),
+        # gradient norms before clipping (median, largest, share of steps clipped); empty without clipping
+        "grad_norm": (
+            (float(np.median(norms)), max(norms), float(np.mean(np.asarray(norms) > max_grad_norm))) if norms else None
+        ),
     }
