@@ -231,6 +231,7 @@ def run_control(
     evaluate=True,
     checkpoints: tuple[int, ...] = (),
     checkpoint: int | None = None,
+    eval_n: int = 12,
 ):
     """Train one control reference on assets/control (cached latents) and judge it on the held-out and
     hand-drawn outlines at control scales 0, 0.5, 1 (the ceiling is computed once, by the caller).
@@ -300,7 +301,7 @@ def run_control(
                     torch.save(state, path)
     if not evaluate:
         return info, None
-    return info, evaluate_control_task(judged, scales=CONTROL_SCALES, ceiling=False)
+    return info, evaluate_control_task(judged, n=eval_n, scales=CONTROL_SCALES, ceiling=False)
 
 
 def control_task(args, out: Path) -> None:
@@ -311,7 +312,7 @@ def control_task(args, out: Path) -> None:
 
     start = time.time()
     pipe = load_toy_pipeline(args.model, control=True)
-    ceiling = None if args.control_train_only else control_ceiling(pipe.vae, control_eval_examples())
+    ceiling = None if args.control_train_only else control_ceiling(pipe.vae, control_eval_examples(args.control_eval_n))
     del pipe
     rows, base = [], None
     for key, label, kind, spec, design in control_references(args.control_encoder):
@@ -336,6 +337,7 @@ def control_task(args, out: Path) -> None:
                 evaluate=not args.control_train_only,
                 checkpoints=tuple(args.control_checkpoints),
                 checkpoint=checkpoint,
+                eval_n=args.control_eval_n,
             )
             if result is None:
                 print(f"{key}: trained in {info['seconds']:.0f} s, kept in {runs}", flush=True)
@@ -370,7 +372,7 @@ def control_task(args, out: Path) -> None:
             rows.append(row)
             print(format_control_row(row, ceiling), flush=True)
             (out / "quality_control_partial.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
-            grid = image_grid([im for r in result["rows"][:12] for im in r], columns=6)
+            grid = image_grid([im for r in result["rows"][:12] for im in r], columns=6)  # 12 held-out
             grid.save(out / f"quality_control_{name.replace('@', '_at_')}.png")
     if args.control_train_only:
         return
@@ -380,8 +382,9 @@ def control_task(args, out: Path) -> None:
         f"Toy-world control references: {args.control_steps} steps of batch {CONTROL_BATCH} on {CONTROL_SCENES} "
         f"triples rendered from the world (latents cached), lr {CONTROL_LR:g} for the adapters and the copied "
         f"UNet (unless the row says otherwise), {CONTROL_ENCODER_LR:g} for the new encoders and zero convs, "
-        f"gradients clipped to norm {CONTROL_MAX_GRAD_NORM:g}, cubic timesteps + v-space loss; judged on 12 held-out "
-        f"+ 12 hand-drawn outlines (20 DPM-Solver steps, guidance 4). "
+        f"gradients clipped to norm {CONTROL_MAX_GRAD_NORM:g}, cubic timesteps + v-space loss; judged on "
+        f"{args.control_eval_n} held-out + {args.control_eval_n} hand-drawn outlines (20 DPM-Solver steps, "
+        f"guidance 4; ratio intervals: 95 %, paired bootstrap over the held-out images). "
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s), torch "
         f"{torch.__version__}; total {elapsed / 60:.1f} min."
     )
@@ -423,6 +426,17 @@ CONTROL_HEAD = (
 FULL_CONTROLNETS = ("full_controlnet", "full_controlnet_lr3e-4")  # the best at the full budget is the reference
 
 
+def ratio_interval(a: dict, b: dict, seed: int = 0) -> str:
+    """ " (lo–hi)": the 95 % interval of mean F1 a / mean F1 b, paired bootstrap over the same held-out
+    images ("" when either lacks per-image scores or they were judged on different images)."""
+    x, y = np.asarray(a.get("edge_f1_each", [])), np.asarray(b.get("edge_f1_each", []))
+    if not len(x) or len(x) != len(y):
+        return ""
+    picks = np.random.default_rng(seed).integers(0, len(x), (BOOTSTRAP, len(x)))
+    draws = x[picks].mean(1) / np.maximum(y[picks].mean(1), 1e-9)
+    return f" ({np.quantile(draws, 0.025):.2f}–{np.quantile(draws, 0.975):.2f})"
+
+
 def format_control_row(row: dict, ceiling: dict, full: dict | None = None, base_f1: float | None = None) -> str:
     """One row; "gap closed" is against the base model's F1 (``base_f1``; else the row's own scale 0,
     which for adapters on the UNet is the adapter with the control off, not the base model)."""
@@ -435,7 +449,7 @@ def format_control_row(row: dict, ceiling: dict, full: dict | None = None, base_
     base_f1 = row.get("held_out@0", h)["edge_f1"] if base_f1 is None else base_f1
     gap = (h["edge_f1"] - base_f1) / max(ceiling["edge_f1"] - base_f1, 1e-9)
     share = f"{100 * row['params'] / full['params']:.1f} %" if full else "–"
-    ratio = f"{h['edge_f1'] / full['held_out']['edge_f1']:.2f}×" if full else "–"
+    ratio = f"{h['edge_f1'] / full['held_out']['edge_f1']:.2f}×{ratio_interval(h, full['held_out'])}" if full else "–"
     scales = (
         f"{row['held_out@0']['edge_f1']:.3f} / {row['held_out@0.5']['edge_f1']:.3f}" if "held_out@0.5" in row else "–"
     )
@@ -494,6 +508,12 @@ def main(argv=None) -> int:
         "--control_train_only",
         action="store_true",
         help="train and keep the control references (needs --control_runs_dir), judge them later",
+    )
+    p.add_argument(
+        "--control_eval_n",
+        type=int,
+        default=24,
+        help="held-out and hand-drawn outlines judged per control reference (the first 12 as in eval control)",
     )
     p.add_argument(
         "--control_checkpoints",

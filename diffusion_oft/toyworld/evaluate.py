@@ -177,6 +177,7 @@ def _score_control(images, examples) -> dict:
         "shape_kept": mean(shape),
         "in_world": mean(both),
         "n": len(images),
+        "edge_f1_each": [float(f) for f in f1],  # per image, for intervals
     }
 
 
