@@ -140,6 +140,9 @@ def test_pretraining_script_runs_resumes_and_writes_a_diffusers_folder(tmp_path)
         judge_steps=2,
         save_every=2,
     )
+    vae_phase = pretrain(tmp_path / "a", unet_steps=4, vae_only=True, **kwargs)  # stops after the VAE
+    assert (tmp_path / "a" / ".pretrain-vae.pt").is_file() and not (tmp_path / "a" / "unet").exists()
+    assert set(vae_phase) == {"vae_seconds", "scaling_factor", "vae_subject_reconstruction"}
     with pytest.raises(KeyboardInterrupt):  # interrupted after the step-2 state was written
         pretrain(tmp_path / "a", unet_steps=4, stop_after=3, **kwargs)
     assert (tmp_path / "a" / ".pretrain-state.pt").is_file()

@@ -157,6 +157,7 @@ def pretrain(
     vae_lr: float | None = None,
     vae_logvar_init: float | None = None,
     vae_gradient_weight: float = 0.0,
+    vae_only: bool = False,
 ) -> dict:
     """Run both phases (resuming from the state files in output_dir if a run was interrupted) and write
     the pipeline, samples.png and pretraining.json to output_dir.  Returns the report.
@@ -164,7 +165,9 @@ def pretrain(
     The autoencoder: ``vae_channels`` / ``latent_channels`` (the UNet takes that many channels),
     ``vae_data`` "world" (the stage-1 scenes + as many generic images) or "codec" (the stage-1 scenes + as
     many of the decoder stage's images: stage-1 and stage-2 scenes, striped objects of every shape, generic
-    images — never the subject), ``vae_lr`` (default ``lr``), ``vae_logvar_init``, ``vae_gradient_weight``."""
+    images — never the subject), ``vae_lr`` (default ``lr``), ``vae_logvar_init``, ``vae_gradient_weight``.
+    ``vae_only`` stops after the autoencoder phase (its state stays in output_dir; a later call resumes
+    with the UNet) and returns the autoencoder's figures."""
     if vae_data not in ("world", "codec"):
         raise ValueError(f"vae_data must be 'world' or 'codec', not {vae_data!r}")
     from diffusers import DDPMScheduler
@@ -208,6 +211,8 @@ def pretrain(
         f"VAE trained in {vae_time:.0f}s; latent std {1 / scale:.3f} → scaling_factor {scale:.4f}; "
         f"subject fidelity of its reconstructions {vae_subject:.3f}"
     )
+    if vae_only:
+        return {"vae_seconds": round(vae_time, 1), "scaling_factor": scale, "vae_subject_reconstruction": vae_subject}
 
     scheduler = DDPMScheduler(**components.make_scheduler_config(), clip_sample=False)
     scheduler.latent_scale = scale
@@ -393,6 +398,11 @@ def main(argv=None) -> int:
     p.add_argument("--vae_lr", type=float, default=None, help="the VAE's peak learning rate (default --lr)")
     p.add_argument("--vae_logvar_init", type=float, default=None, help="initial posterior log-variance (e.g. -6)")
     p.add_argument("--vae_gradient_weight", type=float, default=0.0, help="weight of the image-gradient L1 loss")
+    p.add_argument(
+        "--vae_only",
+        action="store_true",
+        help="stop after the autoencoder phase (kept in --output_dir; run again without it to go on)",
+    )
     p.add_argument("--extend_steps", type=int, default=1200, help="stage 2 steps (0: stage 1 only)")
     p.add_argument(
         "--stage2_only", action="store_true", help="run stage 2 on the stage-1 model already in --output_dir"
@@ -427,7 +437,10 @@ def main(argv=None) -> int:
             lr=args.lr,
             threads=args.threads,
             log=log,
+            vae_only=args.vae_only,
         )
+        if args.vae_only:
+            return 0
     if args.extend_steps > 0:
         extend(args.output_dir, seed=args.seed, steps=args.extend_steps, threads=args.threads, log=log)
     if args.decoder_steps > 0:
