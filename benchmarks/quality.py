@@ -178,6 +178,10 @@ def control_adapter_specs():
             "BOFT b=8 m=2 +FF",
             AdapterConfig(method="boft", block_size=8, n_butterfly_factors=2, extra_target_modules=ff),
         ),
+        "boft_m3": AdapterSpec(  # a third butterfly factor: blocks of 32, 9.4 % with the slim encoder
+            "BOFT b=8 m=3 +FF",
+            AdapterConfig(method="boft", block_size=8, n_butterfly_factors=3, extra_target_modules=ff),
+        ),
         "lora": AdapterSpec("LoRA r=4 (PEFT) +FF", lora_rank=4, lora_targets=(*TARGETS, *ff)),
     }
 
@@ -193,6 +197,7 @@ def control_references(encoder_design: str):
         ("full_controlnet_lr3e-4", "full ControlNet, copied UNet at lr 3e-4", "full_controlnet", None, None),
         ("oft", f"{specs['oft'].name} + {encoder_design} encoder", "encoder", specs["oft"], encoder_design),
         ("boft", f"{specs['boft'].name} + {encoder_design} encoder", "encoder", specs["boft"], encoder_design),
+        ("boft_m3", f"{specs['boft_m3'].name} + {encoder_design} encoder", "encoder", specs["boft_m3"], encoder_design),
         ("lora", f"{specs['lora'].name} + {encoder_design} encoder", "encoder", specs["lora"], encoder_design),
         (
             "controlnet_mode",
@@ -495,7 +500,7 @@ def main(argv=None) -> int:
         "--control_only",
         nargs="+",
         default=None,
-        help="run only these control references (keys: oft boft lora oft_hint|oft_slim "
+        help="run only these control references (keys: oft boft boft_m3 lora oft_hint|oft_slim "
         "full_controlnet full_controlnet_lr3e-4 controlnet_mode)",
     )
     p.add_argument("--control_runs_dir", default=None, help="keep each trained control reference here (<key>.pt) ...")
