@@ -321,11 +321,15 @@ def control_task(args, out: Path) -> None:
     del pipe
     rows, base = [], None
     for key, label, kind, spec, design in control_references(args.control_encoder):
-        if args.control_only and key not in args.control_only:
+        # "key@step" in --control_only: judge only that kept checkpoint of the run
+        picked = [int(o.partition("@")[2]) for o in args.control_only or () if o.partition("@")[0] == key and "@" in o]
+        if args.control_only and key not in args.control_only and not picked:
             continue
         runs = Path(args.control_runs_dir) if args.control_runs_dir else None
         # training keeps the checkpoints; judging takes each kept one as a row of its own, then the run
         judged = [*args.control_checkpoints, None] if args.control_evaluate_only else [None]
+        if picked and args.control_evaluate_only and key not in args.control_only:
+            judged = picked
         for checkpoint in judged:
             if checkpoint is not None and not (runs / f"{key}@{checkpoint}.pt").is_file():
                 continue
@@ -501,7 +505,8 @@ def main(argv=None) -> int:
         nargs="+",
         default=None,
         help="run only these control references (keys: oft boft boft_m3 lora oft_hint|oft_slim "
-        "full_controlnet full_controlnet_lr3e-4 controlnet_mode)",
+        "full_controlnet full_controlnet_lr3e-4 controlnet_mode; with --control_evaluate_only also "
+        "<key>@<step>: only that kept checkpoint)",
     )
     p.add_argument("--control_runs_dir", default=None, help="keep each trained control reference here (<key>.pt) ...")
     p.add_argument(
