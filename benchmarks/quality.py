@@ -287,23 +287,29 @@ def run_control(
             pipe.set_condition_encoder(encoder)
         info = state["info"]
     else:
-        start = time.time()
+        kept = {}  # step -> (seconds so far, trained tensors, encoder state), written with the run
 
         def keep(step: int) -> None:
             if saved is not None and step in checkpoints and step != steps:
-                info = {"seconds": time.time() - start, "first_loss": float("nan"), "last_loss": float("nan")}
-                info.update(params=0, adapter_params=0, grad_norm=None)  # filled in below
-                save_control_run(runs_dir / f"{key}@{step}.pt", info, encoder, trained)
+                tensors = {n: p.detach().clone() for n, p in trained.named_parameters() if p.requires_grad}
+                encoder_state = {k: v.clone() for k, v in encoder.state_dict().items()} if encoder is not None else None
+                kept[step] = (time.time() - start, tensors, encoder_state)
 
+        start = time.time()
         info = train(pipe, spec, latents, text, encoder=encoder, controlnet=controlnet, on_step=keep, **common)
         if saved is not None:
             save_control_run(saved, info, encoder, trained)
-            for step in checkpoints:  # the parameter counts are known now
-                path = runs_dir / f"{key}@{step}.pt"
-                if step != steps and path.is_file():
-                    state = torch.load(path, weights_only=False)
-                    state["info"].update(params=info["params"], adapter_params=info["adapter_params"])
-                    torch.save(state, path)
+            for step, (seconds, tensors, encoder_state) in kept.items():
+                at_step = {
+                    **info,
+                    "seconds": seconds,
+                    "first_loss": float("nan"),
+                    "last_loss": float("nan"),
+                    "grad_norm": None,
+                }
+                torch.save(
+                    {"info": at_step, "encoder": encoder_state, "trained": tensors}, runs_dir / f"{key}@{step}.pt"
+                )
     if not evaluate:
         return info, None
     return info, evaluate_control_task(judged, n=eval_n, scales=CONTROL_SCALES, ceiling=False)

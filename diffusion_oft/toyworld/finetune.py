@@ -182,6 +182,7 @@ def train(
         groups.append({"params": extra, "lr": encoder_lr})
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     trained.train()
+    clipped = [p for group in groups for p in group["params"]]
     losses, norms, start = [], [], time.time()
     for _ in range(steps):
         idx = torch.randint(0, len(latents), (batch_size,), generator=g)
@@ -204,8 +205,7 @@ def train(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if max_grad_norm:
-            all_params = [p for group in groups for p in group["params"]]
-            norms.append(float(torch.nn.utils.clip_grad_norm_(all_params, max_grad_norm)))
+            norms.append(float(torch.nn.utils.clip_grad_norm_(clipped, max_grad_norm)))
         opt.step()
         losses.append(loss.item())
         if on_step is not None:
@@ -221,7 +221,7 @@ def train(
         "seconds": time.time() - start,
         "first_loss": float(np.mean(losses[:20])),
         "last_loss": float(np.mean(losses[-20:])),
-        # gradient norms before clipping (median, largest, share of steps clipped); empty without clipping
+        # gradient norms before clipping (median, largest, share of steps clipped); None without clipping
         "grad_norm": (
             (float(np.median(norms)), max(norms), float(np.mean(np.asarray(norms) > max_grad_norm))) if norms else None
         ),
