@@ -348,17 +348,17 @@ def control_task(args, out: Path) -> None:
     from diffusion_oft.toyworld.finetune import load_toy_pipeline
     from diffusion_oft.toyworld.pretrain import image_grid
 
-    start = time.time()
-    pipe = load_toy_pipeline(args.model, control=True)
-    ceiling = None if args.control_train_only else control_ceiling(pipe.vae, control_eval_examples(args.control_eval_n))
-    del pipe
-    rows, base = [], None
     references = control_references(args.control_encoder)
     unknown = {o.partition("@")[0] for o in args.control_only or ()} - {key for key, *_ in references}
     if unknown:
         raise SystemExit(
             f"--control_only: no reference {sorted(unknown)}; the keys are {[key for key, *_ in references]}"
         )
+    start = time.time()
+    pipe = load_toy_pipeline(args.model, control=True)
+    ceiling = None if args.control_train_only else control_ceiling(pipe.vae, control_eval_examples(args.control_eval_n))
+    del pipe
+    rows, base = [], None
     for key, label, kind, spec, design in references:
         # "key@step" in --control_only: judge only that kept checkpoint of the run
         picked = [int(o.partition("@")[2]) for o in args.control_only or () if o.partition("@")[0] == key and "@" in o]
