@@ -152,9 +152,6 @@ def difference(a: list[list[float]], b: list[list[float]], seed: int = 0) -> tup
 
 
 CONTROL_LR = 1e-3  # the adapters and the full ControlNet's copied UNet
-# rows trained at another rate for the copied UNet: at 1e-3 the full ControlNet peaks early (held-out
-# F1 0.470 at 1,000 steps, 0.352 at 6,000 without clipping), so it is also trained at 3e-4; the better
-# of the two at the full budget is the reference
 # BOFT trails OFT at 1e-3 (issue 22), so it was searched further: (key, adapter spec, lr) per row
 BOFT_VARIANTS = (
     ("boft_lr3e-4", "boft", "3e-4"),
@@ -166,6 +163,9 @@ BOFT_VARIANTS = (
     ("boft_mag_lr3e-4", "boft_mag", "3e-4"),
     ("boft_mag_lr1e-3", "boft_mag", "1e-3"),
 )
+# rows trained at another rate for the copied UNet: at 1e-3 the full ControlNet peaks early (held-out
+# F1 0.470 at 1,000 steps, 0.352 at 6,000 without clipping), so it is also trained at 3e-4; the better
+# of the two at the full budget is the reference
 CONTROL_LR_BY_KEY = {"full_controlnet_lr3e-4": 3e-4, **{key: float(lr) for key, _, lr in BOFT_VARIANTS}}
 CONTROL_MAX_GRAD_NORM = 1.0  # as train control and diffusers' train_controlnet.py
 CONTROL_ENCODER_LR = 3e-3  # every new part: condition encoder, the ControlNets' hint encoder and zero convs
@@ -443,6 +443,9 @@ def control_task(args, out: Path) -> None:
     (out / "quality_control_partial.json").unlink(missing_ok=True)
 
 
+MERGED = "Merged from separate runs:"
+
+
 def merge_control_tables(dirs: list[str], out: Path, encoder_design: str) -> None:
     """One control table from several runs' quality_control.json (references judged in separate
     processes, e.g. in parallel): base model and ceiling from the first, references in table order."""
@@ -458,8 +461,15 @@ def merge_control_tables(dirs: list[str], out: Path, encoder_design: str) -> Non
     refs = sorted((k for k in by_key if k.partition("@")[0] in order), key=place)
     rows = [by_key["base"]] + [by_key[k] for k in refs] + [by_key["ceiling"]]
     ceiling = by_key["ceiling"]["held_out"]
-    headers = [(Path(d) / "quality_control.md").read_text(encoding="utf-8").split("\n\n")[0] for d in dirs]
-    header = "Merged from separate runs:\n\n" + "\n\n".join(f"- {h}" for h in headers)
+    headers = []  # one per run; a merged table brings the headers of its runs
+    for d in dirs:
+        text = (Path(d) / "quality_control.md").read_text(encoding="utf-8").split("\n\n| model |")[0]
+        parts = text.split("\n\n")
+        if parts[0] == MERGED:
+            headers += [p.removeprefix("- ") for p in parts[1:]]
+        else:
+            headers.append(parts[0])
+    header = MERGED + "\n\n" + "\n\n".join(f"- {h}" for h in headers)
     table = format_control_table(rows, ceiling)
     print(header + "\n\n" + table)
     (out / "quality_control.md").write_text(header + "\n\n" + table + "\n", encoding="utf-8")
@@ -543,8 +553,8 @@ def main(argv=None) -> int:
         "--control_only",
         nargs="+",
         default=None,
-        help="run only these control references (keys: oft boft boft_m3 lora "
-        "oft_hint|oft_slim full_controlnet full_controlnet_lr3e-4 controlnet_mode; with --control_evaluate_only also "
+        help="run only these control references (keys: oft boft boft_m3 lora oft_hint|oft_slim full_controlnet "
+        "full_controlnet_lr3e-4 controlnet_mode and BOFT_VARIANTS' keys; with --control_evaluate_only also "
         "<key>@<step>: only that kept checkpoint)",
     )
     p.add_argument("--control_runs_dir", default=None, help="keep each trained control reference here (<key>.pt) ...")
