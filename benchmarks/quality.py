@@ -103,6 +103,15 @@ def run_subject(model, spec, lr, steps, seed, eval_seeds):
     return info, result
 
 
+def subject_job(model, key, lr, steps, seed, eval_seeds, threads) -> dict:
+    """One run of the subject table (a worker of ``--jobs``): its info, per-image values and grid rows."""
+    torch.set_num_threads(threads)
+    ((_, spec),) = adapter_specs([key])
+    info, result = run_subject(model, spec, lr, steps, seed, eval_seeds)
+    n = len(eval_seeds)
+    return {"info": info, "per_image": per_image(result, n), "grid": [result["rows"][0], result["rows"][n]]}
+
+
 def per_image(result: dict, n_seeds: int) -> dict[str, list[float]]:
     """Per-image values of one judged run: subject score, asked background right, in-world right."""
     from diffusion_oft.toyworld import world
@@ -602,7 +611,13 @@ def main(argv=None) -> int:
     p.add_argument("--output_dir", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--name", default=None, help="output file stem (default quality / quality_quick)")
     p.add_argument("--seed", type=int, default=0, help="first training seed")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="subject runs at once, one process each (2 on 2 cores)",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     train_seeds = [args.seed + i for i in range(args.train_seeds or (1 if args.quick else 3))]
@@ -636,26 +651,48 @@ def main(argv=None) -> int:
     print(format_row(base_row), flush=True)
     del pipe
 
-    for key, spec in adapter_specs(args.methods):
-        grid_rows = []
-        for factor in factors:
-            lr = BASE_LR[key] * factor
+    # every (method, lr, training seed) run is independent and seeded: --jobs N runs N at once, one
+    # process each (the same results as one process, gathered in the same order)
+    plan = [
+        (key, spec, BASE_LR[key] * factor, seed)
+        for key, spec in adapter_specs(args.methods)
+        for factor in factors
+        for seed in train_seeds
+    ]
+    work = [(args.model, key, lr, args.subject_steps, seed, eval_seeds, args.threads) for key, _, lr, seed in plan]
+    pool = None
+    if args.jobs > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        pool = ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"))
+        futures = [pool.submit(subject_job, *w) for w in work]
+        results = (f.result() for f in futures)
+    else:
+        results = (subject_job(*w) for w in work)
+    row, runs, grid_rows = None, [], []
+    for (key, spec, lr, seed), done in zip(plan, results, strict=True):
+        if row is None:
             row = {"method": spec.name, "key": key, "lr": lr, "seconds": 0.0, "train_seeds": train_seeds}
             runs = []
-            for seed in train_seeds:
-                info, result = run_subject(args.model, spec, lr, args.subject_steps, seed, eval_seeds)
-                runs.append(per_image(result, len(eval_seeds)))
-                row.update(params=info["params"], seconds=row["seconds"] + info["seconds"])
-                row.setdefault("subject_loss", []).append((info["first_loss"], info["last_loss"]))
-                if seed == train_seeds[0]:
-                    grid_rows += [result["rows"][0], result["rows"][len(eval_seeds)]]
+        info = done["info"]
+        runs.append(done["per_image"])
+        row.update(params=info["params"], seconds=row["seconds"] + info["seconds"])
+        row.setdefault("subject_loss", []).append((info["first_loss"], info["last_loss"]))
+        if seed == train_seeds[0]:
+            grid_rows += done["grid"]
+        if seed == train_seeds[-1]:  # the row is complete
             samples[f"{key}@{lr:.0e}"] = runs
             row.update(summarise(runs))
             rows.append(row)
             print(format_row(row), flush=True)
             # partial results survive an interrupted run
             (out / "quality_partial.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
-        grids[key] = grid_rows
+            row = None
+            if len([r for r in rows if r.get("key") == key]) == len(factors):
+                grids[key], grid_rows = grid_rows, []
+    if pool is not None:
+        pool.shutdown()
     elapsed = time.time() - start
 
     for key, grid_rows in grids.items():
