@@ -72,11 +72,17 @@ def evaluate_subject(pipe, *, seeds=EVAL_SEEDS, steps: int = EVAL_STEPS, guidanc
 
 
 def format_subject_table(results: dict[str, dict]) -> str:
-    lines = ["| model | subject fidelity | prompt fidelity | prior preservation |", "| --- | --- | --- | --- |"]
+    """Markdown table of judged runs: the scores, and the subject images that are the star / the striped star."""
+    lines = [
+        "| model | subject fidelity | star | striped star | prompt fidelity | prior preservation |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for name, r in results.items():
-        s = r["scores"]
+        s, n = r["scores"], r["n_subject"]
+        star, striped_star = round(s["subject_is_star"] * n), round(s["subject_star_and_striped"] * n)
         lines.append(
-            f"| {name} | {s['subject_fidelity']:.3f} | {s['prompt_fidelity']:.3f} | {s['prior_preservation']:.3f} |"
+            f"| {name} | {s['subject_fidelity']:.3f} | {star}/{n} | {striped_star}/{n} | {s['prompt_fidelity']:.3f} "
+            f"| {s['prior_preservation']:.3f} |"
         )
     return "\n".join(lines)
 
