@@ -26,6 +26,12 @@ ROOT = Path(__file__).resolve().parents[1]
 RENDERS_PER_BACKGROUND = 4
 
 
+def shown(path: str) -> str:
+    """``path`` relative to the repository when inside it (results stay machine-independent)."""
+    p = Path(path).resolve()
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
+
+
 def reconstruct(vae, images) -> list:
     """Encode (posterior mean) and decode PIL images through ``vae``; PIL images back."""
     from PIL import Image
@@ -90,8 +96,8 @@ def main(argv=None) -> int:
 
     photo_recon, render_recon = reconstruct(vae, photos), reconstruct(vae, renders)
     report = {
-        "model": args.model,
-        "vae_state": args.vae_state,
+        "model": shown(args.model),
+        "vae_state": args.vae_state and shown(args.vae_state),
         "photos": judge(photo_recon, [read_image(im).background for im in photos]),
         "photos_themselves": judge(photos, [read_image(im).background for im in photos]),
         "renders": judge(render_recon, backgrounds),
