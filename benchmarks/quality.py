@@ -666,11 +666,10 @@ def main(argv=None) -> int:
         from concurrent.futures import ProcessPoolExecutor
 
         pool = ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"))
-        futures = [pool.submit(subject_job, *w) for w in work]
-        results = (f.result() for f in futures)
+        results = pool.map(subject_job, *zip(*work, strict=True))  # in plan order
     else:
         results = (subject_job(*w) for w in work)
-    row, runs, grid_rows = None, [], []
+    row, grid_rows = None, []
     for (key, spec, lr, seed), done in zip(plan, results, strict=True):
         if row is None:
             row = {"method": spec.name, "key": key, "lr": lr, "seconds": 0.0, "train_seeds": train_seeds}
@@ -689,7 +688,7 @@ def main(argv=None) -> int:
             # partial results survive an interrupted run
             (out / "quality_partial.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
             row = None
-            if len([r for r in rows if r.get("key") == key]) == len(factors):
+            if lr == BASE_LR[key] * factors[-1]:  # the method's last row
                 grids[key], grid_rows = grid_rows, []
     if pool is not None:
         pool.shutdown()

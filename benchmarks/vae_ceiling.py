@@ -32,18 +32,6 @@ def shown(path: str) -> str:
     return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
 
 
-def reconstruct(vae, images) -> list:
-    """Encode (posterior mean) and decode PIL images through ``vae``; PIL images back."""
-    from PIL import Image
-
-    from diffusion_oft.toyworld.finetune import pixels_of
-
-    with torch.no_grad():
-        recon = vae.decode(vae.encode(pixels_of(images)).latent_dist.mean).sample
-    recon = ((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-    return [Image.fromarray(r) for r in recon]
-
-
 def judge(images, backgrounds) -> dict:
     from diffusion_oft.toyworld.judge import judge_subject
 
@@ -75,7 +63,7 @@ def main(argv=None) -> int:
     from diffusion_oft.toyworld import world
     from diffusion_oft.toyworld.evaluate import SUBJECT_BACKGROUNDS
     from diffusion_oft.toyworld.judge import read_image
-    from diffusion_oft.toyworld.pretrain import image_grid
+    from diffusion_oft.toyworld.pretrain_tools import image_grid, reconstruct
 
     if args.vae_state:
         from diffusion_oft.toyworld.components import make_vae

@@ -30,18 +30,23 @@ def render_vae_dataset(world_pixels: torch.Tensor, n_generic: int, seed: int) ->
 
 
 @torch.no_grad()
+def reconstruct(vae, images) -> list:
+    """PIL images encoded (posterior mean) and decoded by ``vae``, as PIL images."""
+    from PIL import Image
+
+    x = torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images])).permute(0, 3, 1, 2)
+    recon = vae.decode(vae.encode(to_unit(x)).latent_dist.mean).sample
+    recon = ((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(r) for r in recon]
+
+
 def subject_reconstruction(vae) -> float:
     """Subject fidelity of the VAE's reconstructions of subject images (can it represent the subject?)."""
     from .judge import judge_subject
 
     rng = random.Random(7)
     images = [world.render(world.subject_scene(rng)) for _ in range(8)]
-    x = torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2)
-    recon = vae.decode(vae.encode(to_unit(x)).latent_dist.mean).sample
-    recon = ((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-    from PIL import Image
-
-    return judge_subject([Image.fromarray(r) for r in recon], ["white"] * len(images))["subject_fidelity"]
+    return judge_subject(reconstruct(vae, images), ["white"] * len(images))["subject_fidelity"]
 
 
 def image_gradient_loss(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
