@@ -348,10 +348,42 @@ def test_pretraining_with_a_wider_codec_and_an_8_channel_latent(tmp_path):
         vae_lr=2e-4,
         vae_logvar_init=-6.0,
         vae_gradient_weight=1.0,
+        vae_equivariance=0.5,
     )
     assert (report["latent_channels"], report["vae_data"], report["vae_lr"]) == (8, "codec", 2e-4)
+    assert report["vae_equivariance"] == 0.5
     pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "m"))
     assert pipe.vae.config.latent_channels == 8 and pipe.unet.config.in_channels == 8
     assert list(pipe.vae.config.block_out_channels) == [8, 16, 16]
     with pytest.raises(ValueError, match="vae_data"):
         pretrain(tmp_path / "n", dataset_size=4, vae_data="photos")
+    with pytest.raises(ValueError, match="vae_equivariance"):
+        pretrain(tmp_path / "n", dataset_size=4, vae_equivariance=1.5)
+    assert not (tmp_path / "n").exists()  # validated before anything is written
+
+
+def _bright_quadrant(t: torch.Tensor) -> int:
+    """Which quadrant of a (B, C, H, W) tensor is brightest: 0 1 / 2 3."""
+    half = t.shape[-1] // 2
+    means = [t[..., i * half : (i + 1) * half, j * half : (j + 1) * half].mean() for i in (0, 1) for j in (0, 1)]
+    return int(torch.stack(means).argmax())
+
+
+def test_equivariant_pair_turns_and_downscales_latent_and_image_alike():
+    """EQ-VAE's transform: the same quarter turn and scale for the latent and its image, the VAE's 4× kept."""
+    from diffusion_oft.toyworld.pretrain_tools import equivariant_pair
+
+    z = torch.zeros(2, 8, 16, 16)
+    x = torch.zeros(2, 3, 64, 64)
+    z[..., :8, :8] = 1.0  # the top-left quadrant marked in both
+    x[..., :32, :32] = 1.0
+    seen = set()
+    for seed in range(12):
+        zt, xt = equivariant_pair(z, x, torch.Generator().manual_seed(seed))
+        h = zt.shape[-1]
+        assert zt.shape == (2, 8, h, h) and xt.shape == (2, 3, 4 * h, 4 * h) and h in (8, 12)
+        assert _bright_quadrant(zt) == _bright_quadrant(xt)
+        seen.add((h, _bright_quadrant(zt)))
+        again = equivariant_pair(z, x, torch.Generator().manual_seed(seed))
+        assert torch.equal(again[0], zt) and torch.equal(again[1], xt)
+    assert len(seen) >= 5  # several turns and both scales drawn

@@ -157,6 +157,7 @@ def pretrain(
     vae_lr: float | None = None,
     vae_logvar_init: float | None = None,
     vae_gradient_weight: float = 0.0,
+    vae_equivariance: float = 0.0,
     vae_only: bool = False,
 ) -> dict:
     """Run both phases (resuming from the state files in output_dir if a run was interrupted) and write
@@ -165,11 +166,14 @@ def pretrain(
     The autoencoder: ``vae_channels`` / ``latent_channels`` (the UNet takes that many channels),
     ``vae_data`` "world" (the stage-1 scenes + as many generic images) or "codec" (the stage-1 scenes + as
     many of the decoder stage's images: stage-1 and stage-2 scenes, striped objects of every shape, generic
-    images — never the subject), ``vae_lr`` (default ``lr``), ``vae_logvar_init``, ``vae_gradient_weight``.
-    ``vae_only`` stops after the autoencoder phase (its state stays in output_dir; a later call resumes
-    with the UNet) and returns the autoencoder's figures."""
+    images — never the subject), ``vae_lr`` (default ``lr``), ``vae_logvar_init``, ``vae_gradient_weight``,
+    ``vae_equivariance`` (the share of EQ-VAE steps: the latent and the image quarter-turned and downscaled
+    alike, which smooths the latent). ``vae_only`` stops after the autoencoder phase (its state stays in
+    output_dir; a later call resumes with the UNet) and returns the autoencoder's figures."""
     if vae_data not in ("world", "codec"):
         raise ValueError(f"vae_data must be 'world' or 'codec', not {vae_data!r}")
+    if not 0.0 <= vae_equivariance <= 1.0:
+        raise ValueError(f"vae_equivariance is a share of the VAE steps, in [0, 1], not {vae_equivariance}")
     from diffusers import DDPMScheduler
 
     output_dir = Path(output_dir)
@@ -199,7 +203,17 @@ def pretrain(
             vae_pixels = torch.cat([pixels, render_decoder_dataset(len(pixels), seed)])
         else:
             vae_pixels = render_vae_dataset(pixels, n_generic=len(pixels), seed=seed)
-        train_vae(vae, vae_pixels, vae_steps, vae_batch_size, vae_lr or lr, generator, log, vae_gradient_weight)
+        train_vae(
+            vae,
+            vae_pixels,
+            vae_steps,
+            vae_batch_size,
+            vae_lr or lr,
+            generator,
+            log,
+            gradient_weight=vae_gradient_weight,
+            equivariance=vae_equivariance,
+        )
         del vae_pixels
         torch.save({"vae": vae.state_dict(), "generator": generator.get_state()}, vae_state)
     vae_time = time.time() - t0
@@ -253,6 +267,7 @@ def pretrain(
         "vae_lr": vae_lr or lr,
         "vae_logvar_init": vae_logvar_init,
         "vae_gradient_weight": vae_gradient_weight,
+        "vae_equivariance": vae_equivariance,
         "unet_steps": unet_steps,
         "batch_size": batch_size,
         "lr": lr,
@@ -399,6 +414,12 @@ def main(argv=None) -> int:
     p.add_argument("--vae_logvar_init", type=float, default=None, help="initial posterior log-variance (e.g. -6)")
     p.add_argument("--vae_gradient_weight", type=float, default=0.0, help="weight of the image-gradient L1 loss")
     p.add_argument(
+        "--vae_equivariance",
+        type=float,
+        default=0.0,
+        help="share of EQ-VAE steps (latent and image turned and downscaled alike: a smoother latent)",
+    )
+    p.add_argument(
         "--vae_only",
         action="store_true",
         help="stop after the autoencoder phase (kept in --output_dir; run again without it to go on)",
@@ -432,6 +453,7 @@ def main(argv=None) -> int:
             vae_lr=args.vae_lr,
             vae_logvar_init=args.vae_logvar_init,
             vae_gradient_weight=args.vae_gradient_weight,
+            vae_equivariance=args.vae_equivariance,
             unet_steps=args.unet_steps,
             batch_size=args.batch_size,
             lr=args.lr,

@@ -67,11 +67,33 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def equivariant_pair(z: torch.Tensor, x: torch.Tensor, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """EQ-VAE's transform τ (Kouzelis et al. 2025), applied alike to latents z (B, C, h, w) and their images
+    x (B, 3, H, W): a random quarter turn, then a downscale by ½ or ¾ (bilinear, antialiased). Decoding τ(z)
+    must give τ(x): a latent that survives this carries no high-frequency code, so a denoiser learns it easily."""
+    turns = int(torch.randint(0, 4, (1,), generator=generator))
+    scale = (0.5, 0.75)[int(torch.randint(0, 2, (1,), generator=generator))]
+    z, x = torch.rot90(z, turns, (2, 3)), torch.rot90(x, turns, (2, 3))
+    factor = x.shape[-1] // z.shape[-1]  # the VAE's downsampling (4 for the toy model)
+    z = F.interpolate(z, scale_factor=scale, mode="bilinear", antialias=True)
+    x = F.interpolate(x, size=(z.shape[-2] * factor, z.shape[-1] * factor), mode="bilinear", antialias=True)
+    return z, x
+
+
 def train_vae(
-    vae, pixels, steps: int, batch_size: int, lr: float, generator, log, gradient_weight: float = 0.0
+    vae,
+    pixels,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    generator,
+    log,
+    gradient_weight: float = 0.0,
+    equivariance: float = 0.0,
 ) -> None:
     """L1 + MSE reconstruction of a posterior sample (+ ``gradient_weight`` × image-gradient L1, which keeps
-    stripes and edges) + 1e-6 × KL."""
+    stripes and edges) + 1e-6 × KL. With ``equivariance`` p, a step is an EQ-VAE step with probability p:
+    the latent and the image both go through ``equivariant_pair`` first."""
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     vae.train()
     for step in range(steps):
@@ -81,6 +103,8 @@ def train_vae(
         x = to_unit(pixels[idx])
         posterior = vae.encode(x).latent_dist
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        if equivariance and float(torch.rand(1, generator=generator)) < equivariance:
+            z, x = equivariant_pair(z, x, generator)
         recon = vae.decode(z).sample
         rec_loss = F.l1_loss(recon, x) + F.mse_loss(recon, x)
         loss = rec_loss + 1e-6 * posterior.kl().mean()
