@@ -9,7 +9,10 @@ it for a candidate VAE and for the shipped one side by side (one thread each) an
 
 ``--standardise`` first folds a per-channel standardisation of the latent mean into ``quant_conv`` and
 ``post_quant_conv`` (an exact reparametrisation: every channel gets unit spread under the standard
-pipeline's single scaling factor).  Writes ``<output_dir>/latent_proxy_<name>.{json,png}``.
+pipeline's single scaling factor).  ``--signal_scale s`` scales the latent to std s instead of 1: the
+same noise then hides more of it, which a latent with more channels per pixel needs (its redundant
+channels survive a given noise level longer, so the denoiser sees too few high-noise steps).
+Writes ``<output_dir>/latent_proxy_<name>.{json,png}``.
 """
 
 from __future__ import annotations
@@ -43,6 +46,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--vae", required=True, help="an AutoencoderKL folder (e.g. assets/toy-sd/vae)")
     p.add_argument("--standardise", action="store_true", help="fold a per-channel standardisation in first")
+    p.add_argument(
+        "--signal_scale",
+        type=float,
+        default=1.0,
+        help="multiply the scaling factor (latent std 1 → this): below 1 puts more of training at low SNR, "
+        "as a latent with more channels per pixel needs (e.g. 0.707 for 8 channels against 4)",
+    )
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--dataset_size", type=int, default=20000)
     p.add_argument("--threads", type=int, default=1)
@@ -63,7 +73,7 @@ def main(argv=None) -> int:
     if args.standardise:
         standardise(vae, encode_dataset(vae, pixels[:4000])[0])
     latent_mean, latent_std = encode_dataset(vae, pixels)
-    scale = 1.0 / latent_mean.std().item()
+    scale = args.signal_scale / latent_mean.std().item()
     vae.register_to_config(scaling_factor=scale)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = components.make_tokenizer(Path(tmp) / "tokenizer")
@@ -92,6 +102,7 @@ def main(argv=None) -> int:
     report = {
         "vae": args.vae,
         "standardise": args.standardise,
+        "signal_scale": args.signal_scale,
         "steps": args.steps,
         "seconds": round(seconds, 1),
         "scaling_factor": scale,
