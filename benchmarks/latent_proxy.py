@@ -29,19 +29,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@torch.no_grad()
-def standardise(vae, latent_mean: torch.Tensor) -> None:
-    """Fold z' = (z − μ_c) / σ_c (per channel, from ``latent_mean`` (N, C, h, w)) into ``vae``."""
-    mu, sd = latent_mean.mean((0, 2, 3)), latent_mean.std((0, 2, 3))
-    c = mu.numel()
-    q, pq = vae.quant_conv, vae.post_quant_conv  # 1×1 convs: (2C → 2C) moments, (C → C)
-    q.weight[:c] /= sd.view(-1, 1, 1, 1)
-    q.bias[:c] = (q.bias[:c] - mu) / sd
-    q.bias[c:] -= 2 * sd.log()  # log-variance of z'
-    pq.bias += pq.weight[:, :, 0, 0] @ mu
-    pq.weight *= sd.view(1, -1, 1, 1)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--vae", required=True, help="an AutoencoderKL folder (e.g. assets/toy-sd/vae)")
@@ -52,6 +39,11 @@ def main(argv=None) -> int:
         default=1.0,
         help="multiply the scaling factor (latent std 1 → this): below 1 puts more of training at low SNR, "
         "as a latent with more channels per pixel needs (e.g. 0.707 for 8 channels against 4)",
+    )
+    p.add_argument(
+        "--posterior_mean",
+        action="store_true",
+        help="train on the posterior means instead of samples (no posterior noise in the UNet's data)",
     )
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--dataset_size", type=int, default=20000)
@@ -64,15 +56,23 @@ def main(argv=None) -> int:
 
     from diffusion_oft.toyworld import components
     from diffusion_oft.toyworld.pretrain import render_dataset, train_denoiser
-    from diffusion_oft.toyworld.pretrain_tools import build_pipeline, encode_dataset, image_grid, judge_pipeline
+    from diffusion_oft.toyworld.pretrain_tools import (
+        build_pipeline,
+        encode_dataset,
+        image_grid,
+        judge_pipeline,
+        standardise_latent,
+    )
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     vae = AutoencoderKL.from_pretrained(args.vae).eval().requires_grad_(False)
     pixels, captions = render_dataset(args.dataset_size, 0)
     if args.standardise:
-        standardise(vae, encode_dataset(vae, pixels[:4000])[0])
+        standardise_latent(vae, encode_dataset(vae, pixels[:4000])[0])
     latent_mean, latent_std = encode_dataset(vae, pixels)
+    if args.posterior_mean:
+        latent_std = torch.zeros_like(latent_std)
     scale = args.signal_scale / latent_mean.std().item()
     vae.register_to_config(scaling_factor=scale)
     with tempfile.TemporaryDirectory() as tmp:
@@ -103,6 +103,7 @@ def main(argv=None) -> int:
         "vae": args.vae,
         "standardise": args.standardise,
         "signal_scale": args.signal_scale,
+        "posterior_mean": args.posterior_mean,
         "steps": args.steps,
         "seconds": round(seconds, 1),
         "scaling_factor": scale,

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow  # the toy world
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 TOY_SD = ASSETS / "toy-sd"
-MAIN_JOB_STEPS, MAIN_JOB_LR = 60, 1e-3  # a shortened README main job (README, Quick start: 200 steps)
+MAIN_JOB_STEPS, MAIN_JOB_LR = 60, 1e-3  # a shortened README main job (README, Quick start: 400 steps at 3e-4)
 
 
 def test_judge_reads_every_rendered_scene_exactly():
@@ -201,7 +201,7 @@ def test_shipped_model_loads_offline_and_draws_the_world():
 def test_dreambooth_on_the_toy_model_reports_the_judge_and_keeps_the_world(tmp_path):
     """A shortened README main job (prior preservation with the captioned assets/prior images): the
     judge's figures are written for base model and adapter, and in-world prompts keep working.
-    (How far the star is learnt is the README main job's figure, at 200 steps; 60 steps here.)"""
+    (How far the star is learnt is the README main job's figure, 400 steps at 3e-4; 60 at 1e-3 here.)"""
     from diffusion_oft.toyworld.evaluate import judge_adapter
     from diffusion_oft.training.dreambooth import main as train_main
 
@@ -324,7 +324,8 @@ def test_captioned_instance_images_train_with_their_own_caption(tmp_path):
 
 def test_pretraining_with_a_wider_codec_and_an_8_channel_latent(tmp_path):
     """The autoencoder options of the pretraining script: block widths, latent channels (the UNet follows),
-    the codec dataset, the initial posterior log-variance and the image-gradient loss."""
+    the codec dataset, the initial posterior log-variance, the image-gradient loss, EQ-VAE steps, the
+    per-channel standardisation and the signal scale."""
     from diffusers import StableDiffusionPipeline
 
     from diffusion_oft.toyworld import components
@@ -349,14 +350,20 @@ def test_pretraining_with_a_wider_codec_and_an_8_channel_latent(tmp_path):
         vae_logvar_init=-6.0,
         vae_gradient_weight=1.0,
         vae_equivariance=0.5,
+        vae_standardise=True,
+        latent_signal_scale=0.7,
     )
     assert (report["latent_channels"], report["vae_data"], report["vae_lr"]) == (8, "codec", 2e-4)
-    assert report["vae_equivariance"] == 0.5
+    assert report["vae_equivariance"] == 0.5 and report["vae_standardise"]
+    # standardised: every channel of the scenes' latent at unit spread, so the scaling factor is the signal scale
+    assert report["scaling_factor"] == pytest.approx(0.7, rel=1e-2)
     pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "m"))
     assert pipe.vae.config.latent_channels == 8 and pipe.unet.config.in_channels == 8
     assert list(pipe.vae.config.block_out_channels) == [8, 16, 16]
     with pytest.raises(ValueError, match="vae_data"):
         pretrain(tmp_path / "n", dataset_size=4, vae_data="photos")
+    with pytest.raises(ValueError, match="latent_signal_scale"):
+        pretrain(tmp_path / "n", dataset_size=4, latent_signal_scale=0.0)
     with pytest.raises(ValueError, match="vae_equivariance"):
         pretrain(tmp_path / "n", dataset_size=4, vae_equivariance=1.5)
     assert not (tmp_path / "n").exists()  # validated before anything is written

@@ -34,6 +34,7 @@ from .pretrain_tools import (  # noqa: F401 (re-exported: the stages' building b
     lr_at,
     render_dataset,
     render_vae_dataset,
+    standardise_latent,
     subject_reconstruction,
     to_unit,
     train_vae,
@@ -158,6 +159,8 @@ def pretrain(
     vae_logvar_init: float | None = None,
     vae_gradient_weight: float = 0.0,
     vae_equivariance: float = 0.0,
+    vae_standardise: bool = False,
+    latent_signal_scale: float = 1.0,
     vae_only: bool = False,
 ) -> dict:
     """Run both phases (resuming from the state files in output_dir if a run was interrupted) and write
@@ -168,10 +171,15 @@ def pretrain(
     many of the decoder stage's images: stage-1 and stage-2 scenes, striped objects of every shape, generic
     images — never the subject), ``vae_lr`` (default ``lr``), ``vae_logvar_init``, ``vae_gradient_weight``,
     ``vae_equivariance`` (the share of EQ-VAE steps: the latent and the image quarter-turned and downscaled
-    alike, which smooths the latent). ``vae_only`` stops after the autoencoder phase (its state stays in
+    alike, which smooths the latent), ``vae_standardise`` (fold a per-channel standardisation of the latent
+    into the VAE after its phase: every channel gets unit spread). ``latent_signal_scale`` s: the UNet sees
+    the latent at std s instead of 1 (the scaling factor's job), so the same noise hides more of it — a
+    latent with more channels per pixel needs s < 1. ``vae_only`` stops after the autoencoder phase (its state stays in
     output_dir; a later call resumes with the UNet) and returns the autoencoder's figures."""
     if vae_data not in ("world", "codec"):
         raise ValueError(f"vae_data must be 'world' or 'codec', not {vae_data!r}")
+    if not latent_signal_scale > 0:
+        raise ValueError(f"latent_signal_scale must be > 0, not {latent_signal_scale}")
     if not 0.0 <= vae_equivariance <= 1.0:
         raise ValueError(f"vae_equivariance is a share of the VAE steps, in [0, 1], not {vae_equivariance}")
     from diffusers import DDPMScheduler
@@ -215,10 +223,12 @@ def pretrain(
             equivariance=vae_equivariance,
         )
         del vae_pixels
+        if vae_standardise:
+            standardise_latent(vae, encode_dataset(vae, pixels[:4000])[0])
         torch.save({"vae": vae.state_dict(), "generator": generator.get_state()}, vae_state)
     vae_time = time.time() - t0
     latent_mean, latent_std = encode_dataset(vae, pixels)
-    scale = 1.0 / latent_mean.std().item()
+    scale = latent_signal_scale / latent_mean.std().item()
     vae.register_to_config(scaling_factor=scale)
     vae_subject = subject_reconstruction(vae)
     log(
@@ -268,6 +278,8 @@ def pretrain(
         "vae_logvar_init": vae_logvar_init,
         "vae_gradient_weight": vae_gradient_weight,
         "vae_equivariance": vae_equivariance,
+        "vae_standardise": vae_standardise,
+        "latent_signal_scale": latent_signal_scale,
         "unet_steps": unet_steps,
         "batch_size": batch_size,
         "lr": lr,
@@ -420,6 +432,17 @@ def main(argv=None) -> int:
         help="share of EQ-VAE steps (latent and image turned and downscaled alike: a smoother latent)",
     )
     p.add_argument(
+        "--vae_standardise",
+        action="store_true",
+        help="fold a per-channel standardisation of the latent into the VAE (every channel at unit spread)",
+    )
+    p.add_argument(
+        "--latent_signal_scale",
+        type=float,
+        default=1.0,
+        help="std of the latent the UNet sees (1: the usual scaling factor; < 1 for latents with many channels)",
+    )
+    p.add_argument(
         "--vae_only",
         action="store_true",
         help="stop after the autoencoder phase (kept in --output_dir; run again without it to go on)",
@@ -454,6 +477,8 @@ def main(argv=None) -> int:
             vae_logvar_init=args.vae_logvar_init,
             vae_gradient_weight=args.vae_gradient_weight,
             vae_equivariance=args.vae_equivariance,
+            vae_standardise=args.vae_standardise,
+            latent_signal_scale=args.latent_signal_scale,
             unet_steps=args.unet_steps,
             batch_size=args.batch_size,
             lr=args.lr,

@@ -128,6 +128,19 @@ def encode_dataset(vae, pixels, batch_size: int = 256) -> tuple[torch.Tensor, to
     return torch.cat(means), torch.cat(stds)
 
 
+@torch.no_grad()
+def standardise_latent(vae, latent_mean: torch.Tensor) -> None:
+    """Fold z' = (z − μ_c) / σ_c (per channel, from ``latent_mean`` (N, C, h, w)) into ``vae``."""
+    mu, sd = latent_mean.mean((0, 2, 3)), latent_mean.std((0, 2, 3))
+    c = mu.numel()
+    q, pq = vae.quant_conv, vae.post_quant_conv  # 1×1 convs: (2C → 2C) moments, (C → C)
+    q.weight[:c] /= sd.view(-1, 1, 1, 1)
+    q.bias[:c] = (q.bias[:c] - mu) / sd
+    q.bias[c:] -= 2 * sd.log()  # log-variance of z'
+    pq.bias += pq.weight[:, :, 0, 0] @ mu
+    pq.weight *= sd.view(1, -1, 1, 1)
+
+
 def build_pipeline(unet, vae, text_encoder, tokenizer):
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
