@@ -10,8 +10,9 @@ it for a candidate VAE and for the shipped one side by side (one thread each) an
 ``--standardise`` first folds a per-channel standardisation of the latent mean into ``quant_conv`` and
 ``post_quant_conv`` (an exact reparametrisation: every channel gets unit spread under the standard
 pipeline's single scaling factor).  ``--signal_scale s`` scales the latent to std s instead of 1: the
-same noise then hides more of it, which a latent with more channels per pixel needs (its redundant
-channels survive a given noise level longer, so the denoiser sees too few high-noise steps).
+same noise then hides more of it — the usual remedy for a latent with more channels per pixel, whose
+redundant channels survive a given noise level longer (0.707 and 0.5 did not help the 8-channel
+candidate: benchmarks/README).
 Writes ``<output_dir>/latent_proxy_<name>.{json,png}``.
 """
 
@@ -37,8 +38,8 @@ def main(argv=None) -> int:
         "--signal_scale",
         type=float,
         default=1.0,
-        help="multiply the scaling factor (latent std 1 → this): below 1 puts more of training at low SNR, "
-        "as a latent with more channels per pixel needs (e.g. 0.707 for 8 channels against 4)",
+        help="multiply the scaling factor (latent std 1 → this): below 1 puts more of training at low SNR "
+        "(e.g. 0.707 for 8 channels against 4)",
     )
     p.add_argument(
         "--posterior_mean",

@@ -173,9 +173,10 @@ def pretrain(
     ``vae_equivariance`` (the share of EQ-VAE steps: the latent and the image quarter-turned and downscaled
     alike, which smooths the latent), ``vae_standardise`` (fold a per-channel standardisation of the latent
     into the VAE after its phase: every channel gets unit spread). ``latent_signal_scale`` s: the UNet sees
-    the latent at std s instead of 1 (the scaling factor's job), so the same noise hides more of it — a
-    latent with more channels per pixel needs s < 1. ``vae_only`` stops after the autoencoder phase (its state stays in
-    output_dir; a later call resumes with the UNet) and returns the autoencoder's figures."""
+    the latent at std s instead of 1 (the scaling factor's job), so the same noise hides more of it (the
+    usual remedy for latents with more channels per pixel). ``vae_only`` stops after the autoencoder phase
+    (its state stays in output_dir; a later call resumes with the UNet) and returns the autoencoder's
+    figures."""
     if vae_data not in ("world", "codec"):
         raise ValueError(f"vae_data must be 'world' or 'codec', not {vae_data!r}")
     if not latent_signal_scale > 0:
@@ -440,7 +441,7 @@ def main(argv=None) -> int:
         "--latent_signal_scale",
         type=float,
         default=1.0,
-        help="std of the latent the UNet sees (1: the usual scaling factor; < 1 for latents with many channels)",
+        help="std of the latent the UNet sees (1: the usual scaling factor; < 1 puts more training at low SNR)",
     )
     p.add_argument(
         "--vae_only",

@@ -70,7 +70,8 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
 def equivariant_pair(z: torch.Tensor, x: torch.Tensor, generator) -> tuple[torch.Tensor, torch.Tensor]:
     """EQ-VAE's transform τ (Kouzelis et al. 2025), applied alike to latents z (B, C, h, w) and their images
     x (B, 3, H, W): a random quarter turn, then a downscale by ½ or ¾ (bilinear, antialiased). Decoding τ(z)
-    must give τ(x): a latent that survives this carries no high-frequency code, so a denoiser learns it easily."""
+    must give τ(x), which leaves the latent less high-frequency code (EQ-VAE reports faster diffusion training;
+    on the toy world's 8-channel latent it did not suffice, see benchmarks/README "vae_ceiling.py")."""
     turns = int(torch.randint(0, 4, (1,), generator=generator))
     scale = (0.5, 0.75)[int(torch.randint(0, 2, (1,), generator=generator))]
     z, x = torch.rot90(z, turns, (2, 3)), torch.rot90(x, turns, (2, 3))
